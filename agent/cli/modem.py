@@ -1,0 +1,116 @@
+"""`esim-agent modem info|scan`: read a modem's state straight from its port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from agent.cli.output import error, print_json, print_sections, print_table
+from agent.errors import AgentError, PortGoneError
+from agent.models import ModemInfo, ScanResult
+from agent.modem.driver import open_modem
+
+EXIT_RUNTIME = 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `modem` command group."""
+    p = sub.add_parser("modem", help="read a modem's identity, SIM, signal, registration")
+    msub = p.add_subparsers(dest="modem_command", metavar="ACTION")
+    msub.required = True
+    for name, helptext, handler in (
+        ("info", "identity, SIM, signal, registration and operator", _info),
+        ("scan", "search for operators (AT+COPS=?, slow)", _scan),
+    ):
+        q = msub.add_parser(name, help=helptext)
+        q.add_argument("--port", required=True, help="serial port of the modem's AT interface")
+        q.add_argument("--vendor", default="auto", help="vendor personality (default: detect)")
+        q.add_argument("--json", action="store_true", help="print JSON (stable field names)")
+        if name == "scan":
+            q.add_argument("--timeout", type=float, default=180.0, help="scan timeout, s")
+        q.set_defaults(handler=handler)
+
+
+def _info(args: argparse.Namespace) -> int:
+    try:
+        info = asyncio.run(_read_info(args.port, args.vendor))
+    except PortGoneError as exc:
+        error(f"{exc.port}: {exc.reason}")
+        return EXIT_RUNTIME
+    except AgentError as exc:
+        error(f"{args.port}: {exc}")
+        return EXIT_RUNTIME
+    if args.json:
+        print_json(info)
+    else:
+        render_info(info)
+    return 0
+
+
+async def _read_info(port: str, vendor: str) -> ModemInfo:
+    async with open_modem(port, vendor=vendor) as modem:
+        return await modem.info()
+
+
+def _scan(args: argparse.Namespace) -> int:
+    try:
+        result = asyncio.run(_run_scan(args.port, args.vendor, args.timeout))
+    except PortGoneError as exc:
+        error(f"{exc.port}: {exc.reason}")
+        return EXIT_RUNTIME
+    except AgentError as exc:
+        error(f"{args.port}: {exc}")
+        return EXIT_RUNTIME
+    if args.json:
+        print_json(result)
+    else:
+        print_table(
+            ("long", "short", "numeric", "status", "act"),
+            [(o.long, o.short, o.numeric, o.status, o.act) for o in result.operators],
+        )
+    return 0
+
+
+async def _run_scan(port: str, vendor: str, timeout: float) -> ScanResult:
+    async with open_modem(port, vendor=vendor) as modem:
+        return await modem.scan(timeout=timeout)
+
+
+def render_info(info: ModemInfo) -> None:
+    """The human form of `modem info`."""
+    i, s, g, r, o = info.identity, info.sim, info.signal, info.registration, info.operator
+    print_sections(
+        [
+            (
+                "Identity",
+                [
+                    ("manufacturer", i.manufacturer),
+                    ("model", i.model),
+                    ("revision", i.revision),
+                    ("imei", i.imei),
+                ],
+            ),
+            ("SIM", [("state", s.state), ("iccid", s.iccid)]),
+            (
+                "Signal",
+                [
+                    ("rssi", None if g.rssi_dbm is None else f"{g.rssi_dbm} dBm"),
+                    ("ber", g.ber),
+                    ("rsrp", None if g.rsrp_dbm is None else f"{g.rsrp_dbm:g} dBm"),
+                    ("rsrq", None if g.rsrq_db is None else f"{g.rsrq_db:g} dB"),
+                    ("sinr", None if g.sinr_db is None else f"{g.sinr_db:g} dB"),
+                ],
+            ),
+            (
+                "Registration",
+                [
+                    ("state", r.state),
+                    ("act", r.act),
+                    ("lac", r.lac),
+                    ("tac", r.tac),
+                    ("cell_id", r.cell_id),
+                ],
+            ),
+            ("Operator", [("name", o.name), ("mcc_mnc", o.mcc_mnc)]),
+        ]
+    )
