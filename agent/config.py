@@ -1,0 +1,664 @@
+"""Agent configuration: TOML read with tomllib, typed with msgspec, then cross-checked as a whole."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from agent.errors import ConfigError
+
+EX_CONFIG = 78  # sysexits.h: the CLI exits with this status on ConfigError
+
+DEFAULT_ISDR_AID = "A0000005591010FFFFFFFF8900000100"
+COMMAND_NAMES: tuple[str, ...] = (
+    "status",
+    "switch_layer",
+    "profile_enable",
+    "profile_disable",
+    "profile_nickname",
+    "drill",
+)
+
+VendorHint = Literal["auto", "generic", "quectel", "sierra", "fibocom", "simcom"]
+RefreshMode = Literal["auto", "none", "refresh", "cfun", "reset"]
+ApduMode = Literal["auto", "ccho", "csim"]
+Role = Literal["primary", "failover", "emergency"]
+ProbeKind = Literal["tcp", "http", "dns"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+CommandName = Literal[
+    "status", "switch_layer", "profile_enable", "profile_disable", "profile_nickname", "drill"
+]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ICCID_RE = re.compile(r"^[0-9]{18,22}$")
+_AID_RE = re.compile(r"^[0-9A-Fa-f]{10,32}$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base for every section: unknown keys are errors, so a typo never passes silently."""
+
+
+class UsbMatch(_Section):
+    """Find a modem by USB vendor/product id (hex) and optionally its serial number."""
+
+    vendor: str
+    product: str
+    serial: str | None = None
+
+
+class ModemConfig(_Section):
+    """One `[[modems]]` entry: how to find the modem and how to talk to its eUICC."""
+
+    id: str
+    port: str | None = None
+    usb: UsbMatch | None = None
+    imei: str | None = None
+    vendor: VendorHint = "auto"
+    isdr_aid: str = DEFAULT_ISDR_AID
+    refresh: RefreshMode = "auto"
+    apdu: ApduMode = "auto"
+    poll_interval: float = 30.0
+
+
+class ProbeConfig(_Section):
+    """A data-path probe; target syntax depends on kind (see docs/configuration.md)."""
+
+    kind: ProbeKind
+    target: str
+    interval: float = 10.0
+    timeout: float = 4.0
+    window: int = 5
+
+
+class LayerConfig(_Section):
+    """One `[[layers]]` entry; the order of entries in the file is the priority order."""
+
+    name: str
+    modem: str
+    profile: str
+    role: Role = "failover"
+    radio_down_when_inactive: bool = False
+    probes: list[ProbeConfig] = msgspec.field(default_factory=list)
+
+
+class HealthConfig(_Section):
+    """How the health monitor turns probe rounds and signal readings into up/degraded/down."""
+
+    rssi_dbm_min: int | None = -105
+    rsrp_dbm_min: float | None = -120.0
+    down_after: int = 3
+    up_after: int = 3
+    degraded_ratio: float = 0.5
+
+
+class PolicyConfig(_Section):
+    """How many consecutive health reports make the policy count a layer down or up."""
+
+    down_after: int = 3
+    up_after: int = 3
+
+
+class TimersConfig(_Section):
+    """Anti-flap and switch timers, all in seconds."""
+
+    hold_down: float = 30.0
+    hold_down_max: float = 600.0
+    hold_down_multiplier: float = 2.0
+    hold_down_decay: float = 900.0
+    failback_stable: float = 120.0
+    switch_timeout: float = 180.0
+    rollback_timeout: float = 120.0
+
+
+class TlsConfig(_Section):
+    """TLS towards the broker; insecure skips certificate verification (testing only)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+class CommandsConfig(_Section):
+    """Remote commands over MQTT: off by default, allow-listed, and always authenticated."""
+
+    enabled: bool = False
+    allowed: list[CommandName] = msgspec.field(default_factory=lambda: ["status"])
+    token: str | None = None
+    token_file: str | None = None
+    allowed_senders: list[str] = msgspec.field(default_factory=list)
+
+
+class MqttConfig(_Section):
+    """The MQTT session that publishes status and, when allowed, takes commands."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    client_id: str | None = None
+    base_topic: str = "esim-agent"
+    keepalive: int = 30
+    discovery: bool = False
+    discovery_prefix: str = "homeassistant"
+    redact: bool = False
+    commands: CommandsConfig = msgspec.field(default_factory=CommandsConfig)
+
+
+class HooksConfig(_Section):
+    """Executables run (without a shell) on every transition, event JSON on stdin."""
+
+    on_transition: list[str] = msgspec.field(default_factory=list)
+    timeout: float = 10.0
+
+
+class PoolConfig(_Section):
+    """A data quota shared by several profiles, possibly across several devices."""
+
+    name: str
+    members: list[str]
+    quota_bytes: int | str
+    devices: list[str] = msgspec.field(default_factory=list)
+
+
+class UsageConfig(_Section):
+    """Per-profile quotas (ICCID → bytes or "10 GB"), alert thresholds in percent, pools."""
+
+    quotas: dict[str, int | str] = msgspec.field(default_factory=dict)
+    alert_thresholds: list[int] = msgspec.field(default_factory=lambda: [50, 75, 90])
+    period_start_day: int = 1
+    pools: list[PoolConfig] = msgspec.field(default_factory=list)
+
+
+class ControlConfig(_Section):
+    """The local control socket; None means `<state_dir>/control.sock`."""
+
+    socket: str | None = None
+
+
+class Config(_Section):
+    """The whole agent configuration."""
+
+    device_id: str
+    state_dir: str = "/var/lib/esim-agent"
+    log_level: LogLevel = "info"
+    modems: list[ModemConfig] = msgspec.field(default_factory=list)
+    layers: list[LayerConfig] = msgspec.field(default_factory=list)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    timers: TimersConfig = msgspec.field(default_factory=TimersConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+
+    @property
+    def control_socket(self) -> str:
+        """Path of the local control socket, defaulting into state_dir."""
+        return self.control.socket or str(Path(self.state_dir) / "control.sock")
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """The MQTT client id, defaulting to `esim-agent-<device_id>`."""
+        return self.mqtt.client_id or f"esim-agent-{self.device_id}"
+
+    def modem(self, modem_id: str) -> ModemConfig:
+        """The modem with this id; KeyError when there is none."""
+        for m in self.modems:
+            if m.id == modem_id:
+                return m
+        raise KeyError(modem_id)
+
+    def layer(self, name: str) -> LayerConfig:
+        """The layer with this name; KeyError when there is none."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+class _Invalid(Exception):
+    """One cross-field problem: the dotted key and the reason."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as "10 GB", "512MiB", "1.5GB"; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '10 GB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a size (try 10000000 or '10 GB')")
+    unit = (m.group(2) or "B").lower()
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def normalize_iccid(value: str) -> str:
+    """ICCID digits as printed: spaces and dashes removed, a trailing F pad dropped."""
+    digits = value.replace(" ", "").replace("-", "")
+    if digits[-1:] in ("F", "f"):
+        digits = digits[:-1]
+    return digits
+
+
+def key_from_validation_path(message: str) -> tuple[str | None, str]:
+    """Split a msgspec ValidationError message into (dotted key, reason).
+
+    "Expected `str`, got `int` - at `$.layers[1].profile`" gives ("layers[1].profile", reason).
+    Missing and unknown fields name the field in the message, so it is appended to the key.
+    """
+    reason, sep, where = message.rpartition(" - at ")
+    if not sep:
+        return None, message
+    key = where.strip().strip("`").removeprefix("$").lstrip(".")
+    field = re.search(r"(?:missing required field|unknown field) `([^`]+)`", reason)
+    if field:
+        key = f"{key}.{field.group(1)}" if key else field.group(1)
+    return (key or None), reason
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise _Invalid(key, reason)
+
+
+def _validate(cfg: Config, base_dir: Path) -> None:
+    """Cross-field checks that a schema cannot express; raises _Invalid on the first problem."""
+    _check(
+        bool(_ID_RE.match(cfg.device_id)),
+        "device_id",
+        "must be 1-64 letters, digits, '_', '.', '-' (it is used in MQTT topics)",
+    )
+    _check(bool(cfg.state_dir), "state_dir", "must not be empty")
+
+    modem_ids: set[str] = set()
+    for i, m in enumerate(cfg.modems):
+        key = f"modems[{i}]"
+        _check(bool(_ID_RE.match(m.id)), f"{key}.id", "must be 1-64 letters, digits, '_', '.', '-'")
+        _check(m.id not in modem_ids, f"{key}.id", f"duplicate modem id {m.id!r}")
+        modem_ids.add(m.id)
+        chosen = [n for n, v in (("port", m.port), ("usb", m.usb), ("imei", m.imei)) if v]
+        _check(len(chosen) == 1, key, "give exactly one of port, usb or imei to find the modem")
+        if m.port is not None:
+            _check(m.port.startswith("/"), f"{key}.port", "must be an absolute device path")
+        if m.usb is not None:
+            for f in ("vendor", "product"):
+                v = getattr(m.usb, f)
+                _check(
+                    bool(re.fullmatch(r"(0x)?[0-9A-Fa-f]{4}", v)),
+                    f"{key}.usb.{f}",
+                    "must be a 4-digit hex USB id such as '2c7c'",
+                )
+        if m.imei is not None:
+            _check(bool(re.fullmatch(r"[0-9]{14,16}", m.imei)), f"{key}.imei", "must be 15 digits")
+        _check(bool(_AID_RE.match(m.isdr_aid)), f"{key}.isdr_aid", "must be 5-16 bytes of hex")
+        _check(m.poll_interval > 0, f"{key}.poll_interval", "must be > 0")
+
+    _check(len(cfg.layers) > 0 or not cfg.modems, "layers", "define at least one layer")
+    names: set[str] = set()
+    primaries = emergencies = 0
+    for i, layer in enumerate(cfg.layers):
+        key = f"layers[{i}]"
+        _check(bool(_ID_RE.match(layer.name)), f"{key}.name", "must be 1-64 letters, digits, '_-.'")
+        _check(layer.name not in names, f"{key}.name", f"duplicate layer name {layer.name!r}")
+        names.add(layer.name)
+        _check(layer.modem in modem_ids, f"{key}.modem", f"no modem with id {layer.modem!r}")
+        _check(
+            bool(_ICCID_RE.match(layer.profile)),
+            f"{key}.profile",
+            "must be an ICCID of 18-22 digits",
+        )
+        primaries += layer.role == "primary"
+        emergencies += layer.role == "emergency"
+        if layer.role == "primary":
+            _check(i == 0, f"{key}.role", "the primary layer must be listed first")
+        if layer.role == "emergency":
+            _check(i == len(cfg.layers) - 1, f"{key}.role", "the emergency layer must be last")
+        for j, p in enumerate(layer.probes):
+            pkey = f"{key}.probes[{j}]"
+            _check(p.interval > 0, f"{pkey}.interval", "must be > 0")
+            _check(0 < p.timeout <= p.interval, f"{pkey}.timeout", "must be > 0 and <= interval")
+            _check(p.window >= 1, f"{pkey}.window", "must be >= 1")
+            problem = probe_target_problem(p.kind, p.target)
+            _check(problem is None, f"{pkey}.target", problem or "")
+    if cfg.layers:
+        _check(primaries == 1, "layers", f"exactly one layer must be primary (found {primaries})")
+        _check(emergencies <= 1, "layers", "at most one layer can be emergency")
+
+    h = cfg.health
+    if h.rssi_dbm_min is not None:
+        _check(-120 <= h.rssi_dbm_min <= -40, "health.rssi_dbm_min", "must be in -120..-40 dBm")
+    if h.rsrp_dbm_min is not None:
+        _check(-150 <= h.rsrp_dbm_min <= -40, "health.rsrp_dbm_min", "must be in -150..-40 dBm")
+    _check(h.down_after >= 1, "health.down_after", "must be >= 1")
+    _check(h.up_after >= 1, "health.up_after", "must be >= 1")
+    _check(0 < h.degraded_ratio <= 1, "health.degraded_ratio", "must be in (0, 1]")
+    _check(cfg.policy.down_after >= 1, "policy.down_after", "must be >= 1")
+    _check(cfg.policy.up_after >= 1, "policy.up_after", "must be >= 1")
+
+    t = cfg.timers
+    for f in ("hold_down", "failback_stable", "hold_down_decay"):
+        _check(getattr(t, f) >= 0, f"timers.{f}", "must be >= 0")
+    _check(t.hold_down_max >= t.hold_down, "timers.hold_down_max", "must be >= timers.hold_down")
+    _check(t.hold_down_multiplier >= 1, "timers.hold_down_multiplier", "must be >= 1")
+    _check(t.switch_timeout > 0, "timers.switch_timeout", "must be > 0")
+    _check(t.rollback_timeout > 0, "timers.rollback_timeout", "must be > 0")
+    _check(
+        t.rollback_timeout <= t.switch_timeout,
+        "timers.rollback_timeout",
+        "must be <= timers.switch_timeout (a switch includes its rollback)",
+    )
+
+    q = cfg.mqtt
+    if q.enabled:
+        _check(bool(q.host), "mqtt.host", "must not be empty")
+    _check(1 <= q.port <= 65535, "mqtt.port", "must be a TCP port (1-65535)")
+    _check(q.keepalive >= 5, "mqtt.keepalive", "must be >= 5 seconds")
+    _check(
+        bool(re.fullmatch(r"[^#+\s]+", q.base_topic)) and not q.base_topic.endswith("/"),
+        "mqtt.base_topic",
+        "must not contain wildcards or spaces, nor end with '/'",
+    )
+    _check(
+        not (q.password and q.password_file),
+        "mqtt.password_file",
+        "give either password or password_file, not both",
+    )
+    if q.password_file:
+        _check_readable(q.password_file, base_dir, "mqtt.password_file")
+    if q.tls is not None:
+        for f in ("ca_file", "cert_file", "key_file"):
+            value = getattr(q.tls, f)
+            if value:
+                _check_readable(value, base_dir, f"mqtt.tls.{f}")
+        _check(
+            (q.tls.cert_file is None) == (q.tls.key_file is None),
+            "mqtt.tls.key_file",
+            "cert_file and key_file go together",
+        )
+    c = q.commands
+    _check(len(set(c.allowed)) == len(c.allowed), "mqtt.commands.allowed", "duplicate command")
+    if c.enabled:
+        _check(bool(c.allowed), "mqtt.commands.allowed", "list the commands to allow")
+        _check(
+            bool(c.token) != bool(c.token_file),
+            "mqtt.commands.token",
+            "remote commands need exactly one of token or token_file",
+        )
+        if c.token is not None:
+            _check(len(c.token) >= 16, "mqtt.commands.token", "must be at least 16 characters")
+        if c.token_file:
+            _check_readable(c.token_file, base_dir, "mqtt.commands.token_file")
+
+    for i, exe in enumerate(cfg.hooks.on_transition):
+        key = f"hooks.on_transition[{i}]"
+        _check(os.path.isabs(exe), key, "must be an absolute path (hooks run without a shell)")
+        _check(os.path.isfile(exe), key, f"{exe} does not exist")
+        _check(os.access(exe, os.X_OK), key, f"{exe} is not executable")
+    _check(cfg.hooks.timeout > 0, "hooks.timeout", "must be > 0")
+
+    u = cfg.usage
+    for iccid, quota in u.quotas.items():
+        key = f"usage.quotas.{iccid}"
+        _check(bool(_ICCID_RE.match(iccid)), key, "quota keys must be ICCIDs of 18-22 digits")
+        _size(quota, key)
+    th = u.alert_thresholds
+    _check(all(0 < x <= 100 for x in th), "usage.alert_thresholds", "must be percents in 1..100")
+    _check(th == sorted(set(th)), "usage.alert_thresholds", "must be strictly increasing")
+    _check(1 <= u.period_start_day <= 28, "usage.period_start_day", "must be in 1..28")
+    pool_names: set[str] = set()
+    for i, pool in enumerate(u.pools):
+        key = f"usage.pools[{i}]"
+        _check(pool.name not in pool_names, f"{key}.name", f"duplicate pool {pool.name!r}")
+        pool_names.add(pool.name)
+        _check(bool(pool.members), f"{key}.members", "a pool needs at least one member")
+        for j, iccid in enumerate(pool.members):
+            _check(bool(_ICCID_RE.match(iccid)), f"{key}.members[{j}]", "must be an ICCID")
+        _size(pool.quota_bytes, f"{key}.quota_bytes")
+    if cfg.control.socket is not None:
+        _check(os.path.isabs(cfg.control.socket), "control.socket", "must be an absolute path")
+
+
+def _size(value: int | str, key: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise _Invalid(key, str(exc)) from None
+
+
+def _check_readable(path: str, base_dir: Path, key: str) -> None:
+    p = Path(path) if os.path.isabs(path) else base_dir / path
+    _check(p.is_file() and os.access(p, os.R_OK), key, f"{p} is missing or unreadable")
+
+
+def probe_target_problem(kind: str, target: str) -> str | None:
+    """Why a probe target cannot work for its kind, or None when it looks right."""
+    if kind == "tcp":
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return "a tcp target is host:port, e.g. '1.1.1.1:443'"
+    elif kind == "http":
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", target):
+            return "an http target is a URL such as 'http://connectivitycheck.gstatic.com/generate_204'"
+    elif kind == "dns" and not (
+        re.fullmatch(r"[^@\s]+@[^:\s]+(:[0-9]{1,5})?", target)
+        or re.fullmatch(r"[^:/\s]+(:[0-9]{1,5})?/[^\s]+", target)
+    ):
+        return "a dns target is 'name@server[:port]' or 'server[:port]/name'"
+    return None
+
+
+def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
+    """Type and cross-check already-parsed TOML data; raises ConfigError naming file and key."""
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        key, reason = key_from_validation_path(str(exc))
+        raise ConfigError(file, key, reason) from None
+    cfg = _normalized(cfg)
+    base_dir = Path(file).parent if file != "<config>" else Path.cwd()
+    try:
+        _validate(cfg, base_dir)
+    except _Invalid as exc:
+        raise ConfigError(file, exc.key, exc.reason) from None
+    return cfg
+
+
+def _normalized(cfg: Config) -> Config:
+    """Liberal input: ICCIDs may carry spaces or an F pad, USB ids a 0x prefix."""
+    for layer in cfg.layers:
+        layer.profile = normalize_iccid(layer.profile)
+    cfg.usage.quotas = {normalize_iccid(k): v for k, v in cfg.usage.quotas.items()}
+    for pool in cfg.usage.pools:
+        pool.members = [normalize_iccid(m) for m in pool.members]
+    for m in cfg.modems:
+        if m.usb is not None:
+            m.usb.vendor = m.usb.vendor.lower().removeprefix("0x")
+            m.usb.product = m.usb.product.lower().removeprefix("0x")
+        m.isdr_aid = m.isdr_aid.upper()
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, type and cross-check a TOML config file; ConfigError names the file, key and reason."""
+    file = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(file, None, "file not found") from None
+    except PermissionError:
+        raise ConfigError(file, None, "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(file, None, "is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, None, f"invalid TOML: {exc}") from None
+    return parse_config(data, file)
+
+
+def read_secret(value: str | None, file: str | None, base_dir: Path | None = None) -> str | None:
+    """The inline secret, or the first line of the secret file (so it can live outside the config)."""
+    if value is not None:
+        return value
+    if file is None:
+        return None
+    p = Path(file)
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    text = p.read_text(encoding="utf-8")
+    return text.splitlines()[0].strip() if text.strip() else None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for `config show` and tests); secrets replaced by '***'."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg)
+    mqtt = data["mqtt"]
+    if mqtt.get("password"):
+        mqtt["password"] = "***"
+    if mqtt["commands"].get("token"):
+        mqtt["commands"]["token"] = "***"
+    return data
+
+
+def default_demo_config(
+    emulator_info: Mapping[str, Any],
+    broker_port: int | None,
+    state_dir: Path,
+    iccids: Sequence[str] | None = None,
+    *,
+    device_id: str = "demo",
+    command_token: str | None = None,
+) -> Config:
+    """A config that drives the emulator: one layer per profile, fast timers, MQTT on loopback.
+
+    emulator_info is the emulator's first stdout line ({"modems": [{"id", "port", "link",
+    "tcp_port", "http_url", "dns_port"}, ...]}). iccids lists the profiles in priority order; each
+    modem entry may also carry "iccids". With one modem every layer lives on it; with two or more
+    the primary uses the first modem, the failover the second, and the emergency the last.
+    """
+    modems_info = list(emulator_info.get("modems") or [])
+    if not modems_info and emulator_info.get("port"):
+        modems_info = [{"id": "m0", "port": emulator_info["port"]}]
+    if not modems_info:
+        raise ConfigError("<demo>", "modems", "the emulator reported no modem")
+    profiles = list(iccids or [])
+    if not profiles:
+        for m in modems_info:
+            profiles.extend(m.get("iccids") or [])
+    if not profiles:
+        profiles = ["89000000000000000011", "89000000000000000029", "89000000000000000037"]
+    roles: list[str] = ["primary"] + ["failover"] * (len(profiles) - 1)
+    if len(profiles) >= 3:
+        roles[-1] = "emergency"
+    modems: list[dict[str, Any]] = []
+    for i, m in enumerate(modems_info):
+        modems.append(
+            {
+                "id": str(m.get("id") or f"m{i}"),
+                "port": str(m.get("link") or m["port"]),
+                "vendor": str(m.get("vendor") or "auto")
+                if m.get("vendor") in {"auto", "generic", "quectel", "sierra", "fibocom", "simcom"}
+                else "auto",
+                "poll_interval": 2.0,
+            }
+        )
+    layers: list[dict[str, Any]] = []
+    for i, (iccid, role) in enumerate(zip(profiles, roles, strict=True)):
+        mi = min(i, len(modems_info) - 1) if role != "emergency" else len(modems_info) - 1
+        m = modems_info[mi]
+        probes: list[dict[str, Any]] = []
+        if m.get("http_url"):
+            probes.append(
+                {"kind": "http", "target": m["http_url"], "interval": 1.0, "timeout": 1.0}
+            )
+        if m.get("tcp_port"):
+            probes.append(
+                {
+                    "kind": "tcp",
+                    "target": f"127.0.0.1:{m['tcp_port']}",
+                    "interval": 1.0,
+                    "timeout": 1.0,
+                }
+            )
+        if m.get("dns_port"):
+            probes.append(
+                {
+                    "kind": "dns",
+                    "target": f"example.com@127.0.0.1:{m['dns_port']}",
+                    "interval": 1.0,
+                    "timeout": 1.0,
+                }
+            )
+        name = role if role != "failover" or roles.count("failover") == 1 else f"failover{i}"
+        layers.append(
+            {
+                "name": name,
+                "modem": modems[mi]["id"],
+                "profile": iccid,
+                "role": role,
+                "probes": probes,
+            }
+        )
+    data: dict[str, Any] = {
+        "device_id": device_id,
+        "state_dir": str(state_dir),
+        "log_level": "info",
+        "modems": modems,
+        "layers": layers,
+        "health": {"down_after": 2, "up_after": 2},
+        "policy": {"down_after": 1, "up_after": 1},
+        "timers": {
+            "hold_down": 2.0,
+            "hold_down_max": 20.0,
+            "hold_down_decay": 60.0,
+            "failback_stable": 5.0,
+            "switch_timeout": 60.0,
+            "rollback_timeout": 30.0,
+        },
+        "mqtt": {
+            "enabled": broker_port is not None,
+            "host": "127.0.0.1",
+            "port": broker_port or 1883,
+            "client_id": f"esim-agent-{device_id}",
+            "discovery": True,
+            "commands": {
+                "enabled": command_token is not None,
+                "allowed": list(COMMAND_NAMES),
+                "token": command_token,
+            },
+        },
+        "control": {"socket": str(state_dir / "control.sock")},
+    }
+    return parse_config(data, "<demo>")
