@@ -1,0 +1,1 @@
+"""Demo helpers: the embedded MQTT broker used when Mosquitto is not installed."""
