@@ -110,10 +110,14 @@ class HealthConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    """How many consecutive health reports make the policy count a layer down or up."""
+    """How many consecutive health reports make the policy count a layer down or up.
 
-    down_after: int = 3
-    up_after: int = 3
+    The daemon reports a layer's health when it changes, after the monitor has already
+    counted probe rounds ([health] down_after/up_after); so 1 is the right default here.
+    """
+
+    down_after: int = 1
+    up_after: int = 1
 
 
 class TimersConfig(_Section):

@@ -74,7 +74,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.layers[1].role == "failover"
     probe = cfg.layers[1].probes[0]
     assert (probe.interval, probe.timeout, probe.window) == (10.0, 4.0, 5)
-    assert (cfg.policy.down_after, cfg.policy.up_after) == (3, 3)
+    assert (cfg.policy.down_after, cfg.policy.up_after) == (1, 1)
     assert cfg.mqtt.base_topic == "esim-agent"
     assert cfg.mqtt.commands.enabled is False
     assert cfg.usage.alert_thresholds == [50, 75, 90]

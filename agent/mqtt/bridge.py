@@ -361,6 +361,12 @@ class MqttBridge:
                 log.warning("mqtt_command_retained_ignored", command=command[:64])
                 continue
             payload = message.payload if isinstance(message.payload, bytes) else b""
+            props = message.properties
+            if not payload and getattr(props, "ResponseTopic", None) is None:
+                # An empty publish with nowhere to answer is somebody deleting a retained
+                # request (brokers forward deletions to live subscribers), not a request.
+                log.info("mqtt_command_empty_ignored", command=command[:64])
+                continue
             ctx = self._context(command, message)
             if len(self._command_tasks) >= MAX_CONCURRENT_COMMANDS:
                 self._respond(ctx, _busy(command))

@@ -48,11 +48,14 @@ class LayerSpec(msgspec.Struct, frozen=True, kw_only=True):
     profile: str
     role: Literal["primary", "failover", "emergency"] = "failover"
     radio_down_when_inactive: bool = False
+    #: Shares its modem (its eUICC) with a higher layer, so its profile is disabled while
+    #: that layer runs: like a dormant layer it gives no health evidence until activated.
+    cold: bool = False
 
     @property
     def dormant(self) -> bool:
         """Whether the layer gives no health evidence while inactive (profile or radio off)."""
-        return self.role == "emergency" or self.radio_down_when_inactive
+        return self.role == "emergency" or self.radio_down_when_inactive or self.cold
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,8 +82,12 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True):
                     profile=layer.profile,
                     role=layer.role,
                     radio_down_when_inactive=layer.radio_down_when_inactive,
+                    cold=any(
+                        other.modem == layer.modem and other.role != "emergency"
+                        for other in cfg.layers[:n]
+                    ),
                 )
-                for layer in cfg.layers
+                for n, layer in enumerate(cfg.layers)
             ),
             down_after=cfg.policy.down_after,
             up_after=cfg.policy.up_after,
