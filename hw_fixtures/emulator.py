@@ -1,0 +1,359 @@
+"""Emulator entry point: modems on ptys, a control socket, loopback data paths.
+
+`python -m hw_fixtures.emulator [--vendor NAME] [--scenario FILE] ...` prints one JSON line
+describing the ports and runs until SIGTERM/SIGINT or a `shutdown` control request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import fields
+from typing import Any
+
+import structlog
+
+from agent.errors import ConfigError
+from hw_fixtures.card_api import CardEvents, EmulatedCard, ProfileSpec
+from hw_fixtures.control import ControlRequestError, ControlServer
+from hw_fixtures.dataplane import HOST, DataPlane
+from hw_fixtures.modem_core import CoreError, ModemCore
+from hw_fixtures.personalities import PERSONALITIES, get_personality
+from hw_fixtures.pty_link import PtyLink
+from hw_fixtures.scenario import Delays, ModemConfig, default_modem, load_scenario
+
+log = structlog.get_logger(__name__)
+
+FAST_DELAYS = Delays(reattach=0.2, cops_scan=0.2, reset=0.2, response=0.0, degraded=0.3)
+
+
+def make_card(eid: str, profiles: list[ProfileSpec], events: CardEvents) -> EmulatedCard:
+    """The eUICC engine if it is installed, else a channel-only stand-in."""
+    try:
+        from hw_fixtures.euicc import EmulatedEuicc
+    except ImportError:
+        from hw_fixtures.basic_card import BasicCard
+
+        return BasicCard(eid, profiles, events)
+    return EmulatedEuicc(eid, profiles, events)
+
+
+class EmulatedModem:
+    """One modem: core, pty, card and data-path endpoints wired together."""
+
+    def __init__(self, cfg: ModemConfig, loop: asyncio.AbstractEventLoop, link_dir: str) -> None:
+        self.cfg = cfg
+        self._loop = loop
+        self._started = False
+        personality = get_personality(cfg.vendor, refresh=cfg.refresh)
+        events = CardEvents()
+        self.card = make_card(cfg.eid, cfg.profiles, events)
+        self.link = PtyLink(loop, self._on_data, os.path.join(link_dir, cfg.id))
+        self.dataplane = DataPlane(self._path_state, lambda: self.core.delays.degraded)
+        self.core = ModemCore(
+            cfg,
+            personality,
+            self.card,
+            write=self.link.write,
+            schedule=loop.call_later,
+            on_change=self._changed,
+        )
+        events.on_profile_change = self.core.on_profile_change
+        self._replug_timer: asyncio.TimerHandle | None = None
+
+    def _on_data(self, data: bytes) -> None:
+        self.core.feed(data)
+
+    def _path_state(self) -> str:
+        return self.core.data_path() if self.link.plugged else "down"
+
+    def _changed(self) -> None:
+        if self._started:
+            self.dataplane.sync_soon()
+
+    async def start(self) -> None:
+        """Open the pty and the endpoints."""
+        self.link.open()
+        await self.dataplane.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Close everything this modem opened."""
+        self._started = False
+        if self._replug_timer is not None:
+            self._replug_timer.cancel()
+        if self.link.plugged:
+            self.link.close()
+        await self.dataplane.close()
+
+    def unplug(self, duration: float | None = None) -> None:
+        """Vanish like a USB device; with duration, come back on a new pty afterwards."""
+        if self.link.plugged:
+            self.link.close()
+        self._changed()
+        if duration is not None:
+            self._replug_timer = self._loop.call_later(float(duration), self.replug)
+
+    def replug(self, reboot: bool = False) -> str:
+        """Come back on a new pty; the stable symlink follows."""
+        if self._replug_timer is not None:
+            self._replug_timer.cancel()
+            self._replug_timer = None
+        if not self.link.plugged:
+            self.link.open()
+        if reboot:
+            self.core.start_reset()
+        self._changed()
+        return self.link.port or ""
+
+    def info(self) -> dict[str, Any]:
+        """The per-modem entry of the start-up line."""
+        return {
+            "id": self.cfg.id,
+            "port": self.link.port,
+            "link": self.link.symlink,
+            "vendor": self.core.p.name,
+            "eid": self.card.eid,
+            "http_port": self.dataplane.http_port,
+            "tcp_port": self.dataplane.tcp_port,
+            "dns_port": self.dataplane.dns_port,
+            "http_url": f"http://{HOST}:{self.dataplane.http_port}/generate_204",
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The core's snapshot plus port facts."""
+        info = self.info()
+        # "link" in a status is the data-link state; the symlink is reported as link_path
+        info["link_path"] = info.pop("link")
+        return {
+            **self.core.status(),
+            **info,
+            "plugged": self.link.plugged,
+            "data_path": self._path_state(),
+            "served": dict(self.dataplane.served),
+        }
+
+
+class Emulator:
+    """All modems and the control protocol over them."""
+
+    def __init__(self, modems: list[EmulatedModem], control_path: str) -> None:
+        self.modems = modems
+        self.by_id = {m.cfg.id: m for m in modems}
+        self.control = ControlServer(control_path, self.handle)
+        self.stopped = asyncio.Event()
+
+    def ready_line(self) -> dict[str, Any]:
+        """The first stdout line."""
+        return {
+            "port": self.modems[0].link.port,
+            "control": self.control.path,
+            "modems": [m.info() for m in self.modems],
+        }
+
+    def _modem(self, request: dict[str, Any]) -> EmulatedModem:
+        ident = request.get("modem", self.modems[0].cfg.id)
+        if ident not in self.by_id:
+            raise ControlRequestError(f"no modem {ident!r}; have {sorted(self.by_id)}")
+        return self.by_id[ident]
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Apply one control request; the reply is merged into {"ok": true}."""
+        cmd = request["cmd"]
+        params = {k: v for k, v in request.items() if k not in ("cmd", "modem")}
+        if cmd == "shutdown":
+            asyncio.get_running_loop().call_soon(self.stopped.set)
+            return {}
+        if cmd == "modems":
+            return self.ready_line()
+        modem = self._modem(request)
+        core = modem.core
+        reply: dict[str, Any] = {}
+        try:
+            if cmd == "status":
+                reply = {"modems": [m.status() for m in self.modems]}
+            elif cmd == "set_signal":
+                core.set_signal(**params)
+            elif cmd == "set_registration":
+                core.set_registration(**params)
+            elif cmd == "set_operator":
+                core.set_operator(**params)
+            elif cmd == "operators":
+                core.set_operators(list(params.get("operators", [])))
+            elif cmd == "link":
+                if "delay" in params:
+                    core.delays.degraded = float(params["delay"])
+                core.set_link(str(params.get("state")))
+            elif cmd == "sim":
+                core.set_sim(str(params.get("state")))
+            elif cmd == "set_delays":
+                known = {f.name for f in fields(Delays)}
+                for key, value in params.items():
+                    if key not in known:
+                        raise CoreError(f"unknown delay {key!r}; have {sorted(known)}")
+                    setattr(core.delays, key, float(value))
+            elif cmd == "profile":
+                reply = self._profile_op(modem, params)
+            elif cmd in ("unplug", "replug") or (
+                cmd == "fault" and params.get("kind") in ("unplug", "replug")
+            ):
+                which = cmd if cmd != "fault" else params["kind"]
+                if which == "unplug":
+                    modem.unplug(params.get("duration"))
+                else:
+                    reply = {"port": modem.replug(bool(params.get("reboot", False)))}
+            elif cmd == "fault":
+                kind = str(params.pop("kind", ""))
+                core.fault(kind, **params)
+            elif cmd == "clear":
+                which_fault = params.get("kind")
+                core.clear(None if which_fault is None else str(which_fault))
+            else:
+                raise ControlRequestError(f"unknown cmd {cmd!r}")
+        except CoreError as exc:
+            raise ControlRequestError(str(exc)) from exc
+        await modem.dataplane.sync()
+        return {**modem.status(), **reply}
+
+    def _profile_op(self, modem: EmulatedModem, params: dict[str, Any]) -> dict[str, Any]:
+        op = params.get("op", "list")
+        if op == "broken":
+            modem.core.mark_broken(str(params["iccid"]), bool(params.get("broken", True)))
+        elif op != "list":
+            raise ControlRequestError(f"unknown profile op {op!r}; have list, broken")
+        profiles = getattr(modem.card, "profiles", modem.cfg.profiles)
+        return {
+            "profiles": [
+                {
+                    "iccid": p.iccid,
+                    "name": p.name,
+                    "enabled": p.enabled,
+                    "operator_name": p.operator_name,
+                    "mcc_mnc": p.mcc_mnc,
+                    "broken": p.broken or p.iccid in modem.core.broken,
+                }
+                for p in profiles
+            ]
+        }
+
+
+async def run(
+    configs: list[ModemConfig],
+    control_path: str,
+    link_dir: str,
+    announce: Any = None,
+) -> None:
+    """Run the emulator until a signal or a shutdown request; announce(dict) gets the ready line."""
+    loop = asyncio.get_running_loop()
+    modems = [EmulatedModem(cfg, loop, link_dir) for cfg in configs]
+    emulator = Emulator(modems, control_path)
+    try:
+        for modem in modems:
+            await modem.start()
+        await emulator.control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, emulator.stopped.set)
+        line = emulator.ready_line()
+        if announce is not None:
+            announce(line)
+        log.info("emu_ready", modems=len(modems), control=control_path)
+        await emulator.stopped.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await emulator.control.close()
+        for modem in modems:
+            await modem.stop()
+        log.info("emu_stopped")
+
+
+def _parse_profile(text: str, index: int) -> ProfileSpec:
+    parts = text.split(":")
+    if len(parts) < 2 or not parts[0].isdigit():
+        raise argparse.ArgumentTypeError(f"--profile wants ICCID:NAME[:enabled], got {text!r}")
+    return ProfileSpec(
+        iccid=parts[0],
+        name=parts[1],
+        provider=parts[1],
+        enabled=len(parts) > 2 and parts[2].lower() in ("enabled", "1", "true", "on"),
+        operator_name=parts[1],
+        mcc_mnc=f"001{index + 1:02d}",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the CLI's `emulator` subcommand)."""
+    ap = argparse.ArgumentParser(prog="hw_fixtures.emulator", description=__doc__)
+    ap.add_argument("--vendor", choices=sorted(PERSONALITIES), default=None)
+    ap.add_argument("--scenario", help="TOML scenario file")
+    ap.add_argument("--modems", type=int, default=1, help="modem count without a scenario")
+    ap.add_argument("--control", help="control socket path (default: in a temp dir)")
+    ap.add_argument("--link-dir", help="directory for the stable per-modem symlinks")
+    ap.add_argument("--eid", help="EID of the first modem's eUICC (32 hex digits)")
+    ap.add_argument(
+        "--profile", action="append", default=[], help="ICCID:NAME[:enabled], repeatable"
+    )
+    ap.add_argument("--fast", action="store_true", help="short delays for tests")
+    ap.add_argument("--log-level", default="info")
+    return ap
+
+
+def configs_from_args(args: argparse.Namespace) -> list[ModemConfig]:
+    """Modem configurations from the scenario file and command-line overrides."""
+    if args.scenario:
+        configs = load_scenario(args.scenario)
+        if args.vendor:
+            for cfg in configs:
+                cfg.vendor = args.vendor
+    else:
+        configs = [default_modem(i, args.vendor or "generic") for i in range(max(1, args.modems))]
+    if args.eid:
+        configs[0].eid = args.eid
+    if args.profile:
+        configs[0].profiles = [_parse_profile(p, i) for i, p in enumerate(args.profile)]
+        if not any(p.enabled for p in configs[0].profiles):
+            configs[0].profiles[0].enabled = True
+    if args.fast:
+        for cfg in configs:
+            cfg.delays = Delays(**vars(FAST_DELAYS))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the emulator from the command line; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    from agent import log as agent_log
+
+    agent_log.configure(args.log_level)
+    try:
+        configs = configs_from_args(args)
+    except ConfigError as exc:
+        print(f"emulator: {exc}", file=sys.stderr)
+        return 2
+    runtime = tempfile.mkdtemp(prefix="esim-emu-")
+    control = args.control or os.path.join(runtime, "control.sock")
+    link_dir = args.link_dir or runtime
+
+    def announce(line: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run(configs, control, link_dir, announce))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
