@@ -666,3 +666,58 @@ def default_demo_config(
         "control": {"socket": str(state_dir / "control.sock")},
     }
     return parse_config(data, "<demo>")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_table(data: Mapping[str, Any], path: str, out: list[str]) -> None:
+    scalars = {k: v for k, v in data.items() if v is not None and not _is_table(v)}
+    tables = {k: v for k, v in data.items() if v is not None and _is_table(v)}
+    if path and (scalars or not tables):
+        out.append(f"\n[{path}]")
+    for key, value in scalars.items():
+        out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables.items():
+        sub = f"{path}.{_toml_key(key)}" if path else _toml_key(key)
+        if isinstance(value, list):
+            for item in value:
+                out.append(f"\n[[{sub}]]")
+                _toml_array_item(item, sub, out)
+        else:
+            _toml_table(value, sub, out)
+
+
+def _toml_array_item(item: Mapping[str, Any], path: str, out: list[str]) -> None:
+    for key, value in item.items():
+        if value is not None:
+            out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, dict) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+    )
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Write a Config as a TOML file that load_config reads back to the same Config."""
+    out: list[str] = ["# Written by esim-agent; see docs/configuration.md."]
+    _toml_table(msgspec.to_builtins(cfg), "", out)
+    return "\n".join(out) + "\n"

@@ -104,6 +104,7 @@ def test_cpin(reply: str, state: str) -> None:
         '+QCCID: "89882390000012345678"',
         "+CICCID:89882390000012345678",
         "ICCID: 89882390000012345678",
+        "!ICCID: 89882390000012345678",
     ],
 )
 def test_iccid_vendor_prefixes(reply: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import structlog
 
 from agent.at import parsers
-from agent.at.channel import AtChannel, AtResponse
+from agent.at.channel import AtChannel, AtResponse, line_prefix
 from agent.errors import AtError, AtTimeout, CmeError, ParseError
 from agent.models import (
     Identity,
@@ -58,16 +58,13 @@ class Modem:
 
     async def probe(self) -> None:
         """Wait until the modem answers AT, then switch echo off and enable numeric errors."""
-        last: AtError | None = None
-        for _ in range(PROBE_TRIES):
+        for attempt in range(1, PROBE_TRIES + 1):
             try:
                 await self.channel.command("AT", timeout=PROBE_TIMEOUT_S)
                 break
-            except AtTimeout as exc:
-                last = exc
-        else:
-            assert last is not None
-            raise last
+            except AtTimeout:
+                if attempt == PROBE_TRIES:
+                    raise
         for cmd in ("ATE0", "AT+CMEE=1"):
             await self._try(cmd)
         for cmd in _REG_ENABLE:
@@ -125,10 +122,10 @@ class Modem:
 
     async def read_iccid(self) -> str | None:
         """The ICCID of the active SIM/profile as digits, or None when none can be read."""
-        commands = (self._iccid_command,) if self._iccid_command else self.vendor.iccid_commands
+        commands = self.vendor.iccid_commands
+        if self._iccid_command is not None:
+            commands = (self._iccid_command,)
         for cmd in commands:
-            if cmd is None:
-                continue
             resp = await self._try(cmd)
             if resp is None or not resp.lines:
                 continue
@@ -186,7 +183,7 @@ class Modem:
             if value is None:
                 continue
             try:
-                reply = parsers.parse_registration(f"{prefix}: {value}")
+                reply = parsers.parse_registration(f"{prefix}: {value}", solicited=True)
             except ParseError:
                 continue
             reg = _to_registration(reply)
@@ -283,7 +280,7 @@ class Modem:
 
     def _on_reg_urc(self, line: str) -> None:
         try:
-            reply = parsers.parse_registration(line)
+            reply = parsers.parse_registration(line, solicited=False)
         except ParseError:
             log.debug("registration_urc_unparsed", port=self.port, line=line)
             return
@@ -317,17 +314,42 @@ def _to_registration(reply: parsers.RegReply) -> Registration:
     )
 
 
+def vendor_signal(line: str) -> dict[str, float | None]:
+    """Signal values from one vendor extension line (QCSQ, QENG, SMONI); {} for other lines."""
+    prefix = line_prefix(line)
+    if prefix == "+QCSQ":
+        q = parsers.parse_qcsq(line)
+        return {
+            "rssi_dbm": q.rssi_dbm,
+            "rsrp_dbm": q.rsrp_dbm,
+            "rsrq_db": q.rsrq_db,
+            "sinr_db": q.sinr_db,
+        }
+    if prefix == "+QENG":
+        cells = parsers.parse_qeng_servingcell(line)
+        if not cells:
+            return {}
+        c = cells[0]
+        return {
+            "rssi_dbm": c.rssi_dbm,
+            "rsrp_dbm": c.rsrp_dbm,
+            "rsrq_db": c.rsrq_db,
+            "sinr_db": c.sinr_db,
+        }
+    if prefix == "^SMONI":
+        m = parsers.parse_smoni(line)
+        return {"rssi_dbm": m.rssi_dbm, "rsrp_dbm": m.rsrp_dbm, "rsrq_db": m.rsrq_db}
+    return {}
+
+
 def _merge_vendor_signal(sig: Signal, resp: AtResponse) -> None:
     """Fold vendor signal extensions into sig where they add what 27.007 did not give."""
     for line in resp.lines:
         try:
-            extra = parsers.parse_vendor_signal(line)
+            extra = vendor_signal(line)
         except ParseError:
             continue
-        if extra is None:
-            continue
-        for name in ("rssi_dbm", "rsrp_dbm", "rsrq_db", "sinr_db"):
-            value = extra.get(name)
+        for name, value in extra.items():
             if value is not None and getattr(sig, name) is None:
                 setattr(sig, name, int(value) if name == "rssi_dbm" else float(value))
 
@@ -345,4 +367,3 @@ async def open_modem(
         yield modem
     finally:
         await modem.close()
-

@@ -1,0 +1,260 @@
+"""`esim-agent euicc|profile|notification`: the LPA on a modem's AT port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agent.cli.output import error, print_json, print_sections, print_table
+from agent.errors import AgentError
+
+Action = Callable[[Any, Any], Awaitable[Any]]  # (lpa, modem) -> result
+
+_EXIT_RUNTIME = 1
+_EXIT_USAGE = 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the euicc, profile and notification command groups."""
+    euicc = subparsers.add_parser("euicc", help="the eUICC itself")
+    euicc_sub = euicc.add_subparsers(dest="euicc_command", metavar="ACTION", required=True)
+    _common(euicc_sub.add_parser("info", help="EID, versions, free memory")).set_defaults(
+        handler=_info
+    )
+
+    profile = subparsers.add_parser("profile", help="eSIM profiles on the eUICC")
+    psub = profile.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    _common(psub.add_parser("list", help="installed profiles")).set_defaults(handler=_list)
+    p = _common(psub.add_parser("enable", help="enable a profile (disables the current one)"))
+    p.add_argument("iccid")
+    p.add_argument("--no-refresh", action="store_true", help="do not ask the modem to REFRESH")
+    p.add_argument("--safe", action="store_true", help="verify the new link, roll back if not")
+    p.add_argument("--rollback-timeout", type=float, default=120.0, metavar="S")
+    p.add_argument(
+        "--strategy",
+        choices=("auto", "none", "refresh", "cfun", "reset"),
+        default="auto",
+        help="how the modem takes the new profile (default: the vendor's)",
+    )
+    p.set_defaults(handler=_enable)
+    p = _common(psub.add_parser("disable", help="disable a profile (leaves none enabled)"))
+    p.add_argument("iccid")
+    p.add_argument("--no-refresh", action="store_true")
+    p.set_defaults(handler=_disable)
+    p = _common(psub.add_parser("nickname", help="set a profile's nickname"))
+    p.add_argument("iccid")
+    p.add_argument("nickname")
+    p.set_defaults(handler=_nickname)
+    p = _common(psub.add_parser("delete", help="delete a disabled profile for good"))
+    p.add_argument("iccid")
+    p.add_argument("--yes", action="store_true", help="confirm the deletion")
+    p.set_defaults(handler=_delete)
+
+    notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
+    nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
+    _common(nsub.add_parser("list", help="queued notifications")).set_defaults(handler=_nlist)
+    p = _common(nsub.add_parser("remove", help="remove a notification (after it was sent)"))
+    p.add_argument("seq", type=int)
+    p.set_defaults(handler=_nremove)
+
+
+def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--port", required=True, help="serial port of the modem's AT interface")
+    p.add_argument("--json", action="store_true", help="print JSON (stable field names)")
+    p.add_argument("--vendor", default="auto", help="vendor personality (default: detect)")
+    p.add_argument("--aid", default=None, help="ISD-R AID in hex (removable eUICCs differ)")
+    p.add_argument("--apdu-mode", choices=("auto", "cgla", "csim"), default="auto")
+    p.add_argument("--timeout", type=float, default=120.0, help="overall deadline, s")
+    return p
+
+
+async def _session(args: argparse.Namespace, action: Action) -> Any:
+    """Open the modem and the ISD-R channel, run action, close both whatever happens."""
+    from agent.euicc.lpa import Lpa
+    from agent.euicc.transport import ISD_R_AID, AtApduTransport
+    from agent.modem.driver import open_modem
+
+    aid = bytes.fromhex(args.aid) if args.aid else ISD_R_AID
+    mode = None if args.apdu_mode == "auto" else args.apdu_mode
+    async with asyncio.timeout(args.timeout), open_modem(args.port, vendor=args.vendor) as modem:
+        transport = AtApduTransport(modem.channel, modem.port, aid=aid, mode=mode)
+        async with Lpa(transport) as lpa:
+            return await action(lpa, modem)
+
+
+def _run(args: argparse.Namespace, action: Action, render: Callable[[Any], None]) -> int:
+    try:
+        result = asyncio.run(_session(args, action))
+    except TimeoutError:
+        error(f"{args.port}: no result within {args.timeout:g} s")
+        return _EXIT_RUNTIME
+    except AgentError as exc:
+        error(str(exc))
+        return _EXIT_RUNTIME
+    if args.json:
+        print_json(result)
+    else:
+        render(result)
+    return 0
+
+
+def _iccid_arg(text: str) -> str | None:
+    from agent.euicc.iccid import normalize_iccid
+
+    try:
+        return normalize_iccid(text)
+    except ValueError as exc:
+        error(str(exc))
+        return None
+
+
+def _info(args: argparse.Namespace) -> int:
+    async def action(lpa: Any, _modem: Any) -> Any:
+        return await lpa.info()
+
+    def render(info: Any) -> None:
+        import msgspec
+
+        items = list(msgspec.structs.asdict(info).items())
+        print_sections(
+            [("eUICC", [(k, ", ".join(v) if isinstance(v, list) else v) for k, v in items])]
+        )
+
+    return _run(args, action, render)
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def action(lpa: Any, _modem: Any) -> Any:
+        return {"profiles": await lpa.list_profiles()}
+
+    def render(result: Any) -> None:
+        rows = [
+            (p.iccid, p.state, p.profile_class, p.nickname, p.service_provider_name, p.profile_name)
+            for p in result["profiles"]
+        ]
+        print_table(("iccid", "state", "class", "nickname", "provider", "name"), rows)
+
+    return _run(args, action, render)
+
+
+def _enable(args: argparse.Namespace) -> int:
+    iccid = _iccid_arg(args.iccid)
+    if iccid is None:
+        return _EXIT_USAGE
+    if args.safe:
+        return _safe_enable(args, iccid)
+
+    async def action(lpa: Any, _modem: Any) -> Any:
+        changed = await lpa.enable_profile(iccid, refresh=not args.no_refresh)
+        return {"iccid": iccid, "state": "enabled", "changed": changed}
+
+    def render(result: Any) -> None:
+        note = "" if result["changed"] else " (already enabled)"
+        print(f"{iccid} enabled{note}")
+
+    return _run(args, action, render)
+
+
+def _safe_enable(args: argparse.Namespace, iccid: str) -> int:
+    from agent.euicc.lpa import Lpa
+    from agent.euicc.switch import RefreshStrategy, SafeSwitch, SwitchReport
+    from agent.euicc.transport import ISD_R_AID, AtApduTransport
+    from agent.modem.driver import open_modem
+
+    aid = bytes.fromhex(args.aid) if args.aid else ISD_R_AID
+    mode = None if args.apdu_mode == "auto" else args.apdu_mode
+
+    async def run() -> SwitchReport:
+        async with open_modem(args.port, vendor=args.vendor) as modem:
+            if args.no_refresh:
+                strategy = RefreshStrategy.NONE
+            elif args.strategy == "auto":
+                strategy = RefreshStrategy.from_vendor(modem.vendor.refresh)
+            else:
+                strategy = RefreshStrategy(args.strategy)
+            switch = SafeSwitch(
+                modem,
+                lambda: Lpa(AtApduTransport(modem.channel, modem.port, aid=aid, mode=mode)),
+                strategy=strategy,
+                rollback_timeout=args.rollback_timeout,
+            )
+            return await switch.run(iccid)
+
+    try:
+        report = asyncio.run(run())
+    except AgentError as exc:
+        error(str(exc))
+        return _EXIT_RUNTIME
+    if args.json:
+        print_json(report)
+    else:
+        print(f"{report.outcome}: {report.from_iccid} -> {report.to_iccid}")
+        if report.error:
+            print(f"error: {report.error}")
+    return 0 if report.outcome == "switched" else _EXIT_RUNTIME
+
+
+def _disable(args: argparse.Namespace) -> int:
+    iccid = _iccid_arg(args.iccid)
+    if iccid is None:
+        return _EXIT_USAGE
+
+    async def action(lpa: Any, _modem: Any) -> Any:
+        await lpa.disable_profile(iccid, refresh=not args.no_refresh)
+        return {"iccid": iccid, "state": "disabled"}
+
+    return _run(args, action, lambda r: print(f"{r['iccid']} disabled"))
+
+
+def _nickname(args: argparse.Namespace) -> int:
+    iccid = _iccid_arg(args.iccid)
+    if iccid is None:
+        return _EXIT_USAGE
+    if len(args.nickname.encode("utf-8")) > 64:
+        error("nickname is limited to 64 bytes of UTF-8")
+        return _EXIT_USAGE
+
+    async def action(lpa: Any, _modem: Any) -> Any:
+        await lpa.set_nickname(iccid, args.nickname)
+        return {"iccid": iccid, "nickname": args.nickname}
+
+    return _run(args, action, lambda r: print(f"{r['iccid']} nickname set to {r['nickname']!r}"))
+
+
+def _delete(args: argparse.Namespace) -> int:
+    iccid = _iccid_arg(args.iccid)
+    if iccid is None:
+        return _EXIT_USAGE
+    if not args.yes:
+        error(f"deleting {iccid} cannot be undone: add --yes to confirm")
+        return _EXIT_USAGE
+
+    async def action(lpa: Any, _modem: Any) -> Any:
+        await lpa.delete_profile(iccid)
+        return {"iccid": iccid, "deleted": True}
+
+    return _run(args, action, lambda r: print(f"{r['iccid']} deleted"))
+
+
+def _nlist(args: argparse.Namespace) -> int:
+    async def action(lpa: Any, _modem: Any) -> Any:
+        return {"notifications": await lpa.list_notifications()}
+
+    def render(result: Any) -> None:
+        rows = [
+            (n.seq_number, n.profile_management_operation, n.iccid, n.notification_address)
+            for n in result["notifications"]
+        ]
+        print_table(("seq", "operation", "iccid", "address"), rows)
+
+    return _run(args, action, render)
+
+
+def _nremove(args: argparse.Namespace) -> int:
+    async def action(lpa: Any, _modem: Any) -> Any:
+        await lpa.remove_notification(args.seq)
+        return {"seq_number": args.seq, "removed": True}
+
+    return _run(args, action, lambda r: print(f"notification {r['seq_number']} removed"))

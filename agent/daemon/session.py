@@ -1,0 +1,312 @@
+"""One modem as the daemon owns it: its port, its polls, its eUICC, its reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from agent.at.channel import AtChannel
+from agent.config import ModemConfig
+from agent.errors import AgentError, AtError, AtTimeout, PortGoneError
+from agent.euicc.es10 import ProfileInfo
+from agent.euicc.lpa import Lpa
+from agent.euicc.switch import RefreshStrategy, SafeSwitch, SwitchReport
+from agent.euicc.transport import MODE_CGLA, MODE_CSIM, AtApduTransport
+from agent.health.layer import ModemSignals, signals_from_modem_info
+from agent.models import ModemInfo
+from agent.modem.driver import Modem
+from agent.modem.vendors import vendor_by_name
+from agent.transport.discovery import list_usb_ttys, match_usb
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_INITIAL_S = 0.5
+RECONNECT_MAX_S = 30.0
+EUICC_REREAD_TRIES = 6
+EUICC_REREAD_DELAY_S = 0.25
+_APDU_MODES = {"auto": None, "ccho": MODE_CGLA, "cgla": MODE_CGLA, "csim": MODE_CSIM}
+
+
+class ModemSession:
+    """Owns one modem's port for the daemon's lifetime: connect, poll, reconnect, eUICC work."""
+
+    def __init__(
+        self,
+        cfg: ModemConfig,
+        *,
+        state_dir: Path,
+        on_update: Callable[[ModemSession], None],
+        rollback_timeout: float = 120.0,
+    ) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.state_dir = state_dir
+        self._on_update = on_update
+        self.rollback_timeout = rollback_timeout
+        self.modem: Modem | None = None
+        self.port: str | None = cfg.port
+        self.online = False
+        self.info: ModemInfo | None = None
+        self.data_active: bool | None = None
+        self.profiles: list[ProfileInfo] = []
+        self.eid: str | None = None
+        self.last_error: str | None = None
+        self.switching = False
+        #: Serialises multi-command work (eUICC sessions, switches, polls) on this modem.
+        self.lock = asyncio.Lock()
+        self.connected = asyncio.Event()
+        self._poll_now = asyncio.Event()
+        self._log = log.bind(modem=cfg.id)
+
+    # ---- state views ---------------------------------------------------------------------
+
+    @property
+    def enabled_iccid(self) -> str | None:
+        """ICCID of the enabled profile as the eUICC last reported it."""
+        return next((p.iccid for p in self.profiles if p.state == "enabled"), None)
+
+    def signals(self) -> ModemSignals | None:
+        """What the health rules need from the modem; None while never read."""
+        if not self.online or self.info is None:
+            return ModemSignals(sim_ready=False) if self.info is not None else None
+        return signals_from_modem_info(self.info, self.data_active)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, poll until the port goes, reconnect with backoff; runs until cancelled."""
+        delay = RECONNECT_INITIAL_S
+        while True:
+            try:
+                await self._connect()
+                delay = RECONNECT_INITIAL_S
+                await self._poll_loop()
+            except (PortGoneError, AtTimeout) as exc:
+                self._went_offline(str(exc))
+            except AgentError as exc:
+                self._went_offline(f"{type(exc).__name__}: {exc}")
+            finally:
+                await self._close_modem()
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _went_offline(self, reason: str) -> None:
+        if self.online or self.last_error != reason:
+            self._log.warning("modem_offline", port=self.port, reason=reason)
+        self.online = False
+        self.connected.clear()
+        self.last_error = reason
+        self._on_update(self)
+
+    async def _close_modem(self) -> None:
+        modem, self.modem = self.modem, None
+        if modem is not None:
+            await modem.close()
+
+    def resolve_port(self) -> str:
+        """The tty to open: the configured path, or the one udev shows for the USB ids."""
+        if self.cfg.port:
+            return self.cfg.port
+        if self.cfg.usb is not None:
+            paths = match_usb(
+                list_usb_ttys(), self.cfg.usb.vendor, self.cfg.usb.product, self.cfg.usb.serial
+            )
+            if paths:
+                return paths[0]
+            raise PortGoneError(
+                f"usb {self.cfg.usb.vendor}:{self.cfg.usb.product}", "no such device"
+            )
+        raise PortGoneError(f"imei {self.cfg.imei}", "finding a modem by IMEI needs a port list")
+
+    async def _connect(self) -> None:
+        port = self.resolve_port()
+        self.port = port
+        channel = await AtChannel.open(port)
+        vendor = vendor_by_name(self.cfg.vendor) if self.cfg.vendor != "auto" else None
+        self.modem = Modem(channel, vendor)
+        await self.modem.probe()
+        if self.cfg.imei and (await self.modem.identity()).imei != self.cfg.imei:
+            raise PortGoneError(port, f"modem on this port is not IMEI {self.cfg.imei}")
+        self.online = True
+        self.last_error = None
+        self._log.info("modem_online", port=port, vendor=self.modem.vendor.name)
+        async with self.lock:
+            await self._read_euicc()
+            await self._read_state()
+        self.connected.set()
+        self._on_update(self)
+
+    async def _poll_loop(self) -> None:
+        modem = self.modem
+        assert modem is not None
+        lost = asyncio.create_task(modem.channel.lost_event.wait(), name=f"{self.id}-lost")
+        try:
+            while True:
+                self._poll_now.clear()
+                waiters = {
+                    lost,
+                    asyncio.create_task(self._poll_now.wait()),
+                    asyncio.create_task(modem.registration_changed.wait()),
+                }
+                await asyncio.wait(
+                    waiters, timeout=self.cfg.poll_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                for w in waiters - {lost}:
+                    w.cancel()
+                if modem.channel.is_lost:
+                    raise PortGoneError(self.port or "?", "port lost")
+                if self.switching:
+                    continue  # the switch reads what it needs; polls would only slow it
+                async with self.lock:
+                    await self._read_state()
+                if modem.channel.needs_reprobe:
+                    raise AtTimeout(f"{self.port}: modem stopped answering", "AT")
+                self._on_update(self)
+        finally:
+            lost.cancel()
+
+    def poll_soon(self) -> None:
+        """Ask for a poll now instead of at the next interval."""
+        self._poll_now.set()
+
+    async def _read_state(self) -> None:
+        modem = self.modem
+        if modem is None:
+            raise PortGoneError(self.port or "?", "not connected")
+        self.info = await modem.info()
+        self.data_active = await modem.data_active()
+        if self.info.registration.state in ("home", "roaming") and self.data_active is False:
+            # Like a connection manager with autoconnect: a registered modem gets its context.
+            try:
+                await modem.activate_data()
+                self.data_active = await modem.data_active()
+            except AtError as exc:
+                self._log.warning("data_activate_failed", error=str(exc))
+
+    async def _read_euicc(self) -> bool:
+        try:
+            async with self.lpa() as lpa:
+                if self.eid is None:
+                    self.eid = await lpa.get_eid()
+                self.profiles = await lpa.list_profiles()
+        except (PortGoneError, AtTimeout):
+            raise
+        except AgentError as exc:
+            # A plain SIM or a modem without APDU access still gives us a working modem.
+            self._log.info("euicc_unavailable", error=str(exc))
+            return False
+        return True
+
+    async def _read_euicc_after_switch(self, report: SwitchReport) -> None:
+        # Right after a REFRESH or CFUN cycle the SIM is busy for a while (+CME ERROR: 14):
+        # a stale list here would make the daemon believe the old profile still runs.
+        for attempt in range(EUICC_REREAD_TRIES):
+            if await self._read_euicc():
+                return
+            await asyncio.sleep(EUICC_REREAD_DELAY_S * (attempt + 1))
+        running = report.to_iccid if report.outcome == "switched" else report.from_iccid
+        self._log.warning("euicc_list_stale", assumed_enabled=running)
+        for p in self.profiles:
+            p.state = "enabled" if p.iccid == running else "disabled"
+
+    # ---- eUICC ---------------------------------------------------------------------------
+
+    def lpa(self) -> Lpa:
+        """A fresh LPA on this modem's ISD-R channel (use `async with`)."""
+        modem = self._require()
+        transport = AtApduTransport(
+            modem.channel,
+            modem.port,
+            aid=bytes.fromhex(self.cfg.isdr_aid),
+            mode=_APDU_MODES.get(self.cfg.apdu),
+            state_dir=self.state_dir,
+        )
+        return Lpa(transport)
+
+    def refresh_strategy(self) -> RefreshStrategy:
+        """The configured refresh strategy, or the vendor's."""
+        name: str = self.cfg.refresh
+        if name == "auto":
+            name = self._require().vendor.refresh
+        return RefreshStrategy.from_vendor(name)
+
+    def _require(self) -> Modem:
+        if self.modem is None or not self.online:
+            raise PortGoneError(self.port or self.id, "modem is offline")
+        return self.modem
+
+    async def refresh_profiles(self) -> list[ProfileInfo]:
+        """Read the profile list again (after any change)."""
+        async with self.lock:
+            await self._read_euicc()
+        self._on_update(self)
+        return self.profiles
+
+    async def safe_switch(
+        self, iccid: str, probe: Callable[[], Awaitable[bool]] | None
+    ) -> SwitchReport:
+        """Enable iccid with verification and automatic rollback (see agent.euicc.switch)."""
+        modem = self._require()
+        self.switching = True
+        try:
+            async with self.lock:
+                switch = SafeSwitch(
+                    modem,
+                    self.lpa,
+                    strategy=self.refresh_strategy(),
+                    rollback_timeout=self.rollback_timeout,
+                    probe=probe,
+                )
+                report = await switch.run(iccid)
+                await self._read_euicc_after_switch(report)
+                with contextlib.suppress(AtError):
+                    await self._read_state()
+        finally:
+            self.switching = False
+        self._on_update(self)
+        return report
+
+    async def with_lpa(self, op: Callable[[Lpa], Awaitable[object]]) -> object:
+        """Run one eUICC operation under the modem lock, then re-read the profile list."""
+        self._require()
+        async with self.lock:
+            async with self.lpa() as lpa:
+                result = await op(lpa)
+            await self._read_euicc()
+        self._on_update(self)
+        return result
+
+    async def radio(self, on: bool) -> None:
+        """Radio on (CFUN=1) or off (CFUN=4, airplane: the SIM stays readable)."""
+        modem = self._require()
+        async with self.lock:
+            await modem.set_cfun(1 if on else 4)
+        self.poll_soon()
+
+    async def wait_online(self, timeout: float) -> bool:
+        """Wait until connected, up to timeout; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready view for `status`."""
+        return {
+            "id": self.id,
+            "port": self.port,
+            "online": self.online,
+            "eid": self.eid,
+            "enabled_iccid": self.enabled_iccid,
+            "switching": self.switching,
+            "last_error": self.last_error,
+            "updated": time.time(),
+        }
