@@ -60,11 +60,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=_nremove)
 
 
+def _aid(text: str) -> str:
+    """argparse type: an AID is 5 to 16 bytes of hex (ISO 7816-4)."""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not hex: {text!r}") from None
+    if not 5 <= len(raw) <= 16:
+        raise argparse.ArgumentTypeError("an AID is 5 to 16 bytes")
+    return raw.hex().upper()
+
+
 def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", required=True, help="serial port of the modem's AT interface")
     p.add_argument("--json", action="store_true", help="print JSON (stable field names)")
     p.add_argument("--vendor", default="auto", help="vendor personality (default: detect)")
-    p.add_argument("--aid", default=None, help="ISD-R AID in hex (removable eUICCs differ)")
+    p.add_argument(
+        "--aid", type=_aid, default=None, help="ISD-R AID in hex (removable eUICCs differ)"
+    )
     p.add_argument("--apdu-mode", choices=("auto", "cgla", "csim"), default="auto")
     p.add_argument("--timeout", type=float, default=120.0, help="overall deadline, s")
     return p
@@ -184,6 +197,9 @@ def _safe_enable(args: argparse.Namespace, iccid: str) -> int:
 
     try:
         report = asyncio.run(run())
+    except TimeoutError:
+        error(f"{args.port}: the switch did not finish")
+        return _EXIT_RUNTIME
     except AgentError as exc:
         error(str(exc))
         return _EXIT_RUNTIME
