@@ -25,7 +25,7 @@ COMMAND_NAMES: tuple[str, ...] = (
     "drill",
 )
 
-VendorHint = Literal["auto", "generic", "quectel", "sierra", "fibocom", "simcom"]
+VendorHint = Literal["auto", "generic", "quectel", "sierra", "fibocom", "simcom", "huawei", "dell"]
 RefreshMode = Literal["auto", "none", "refresh", "cfun", "reset"]
 ApduMode = Literal["auto", "ccho", "csim"]
 Role = Literal["primary", "failover", "emergency"]

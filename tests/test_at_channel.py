@@ -250,3 +250,20 @@ async def test_random_urc_interleavings_never_corrupt_a_reply(
             assert seen == [u.decode() for u in urcs]
     finally:
         p.unplug()
+
+
+async def test_a_cancelled_command_does_not_leak_its_reply_into_the_next(peer: Peer) -> None:
+    async with await AtChannel.open(peer.path) as ch:
+        peer.silent = True
+        task = asyncio.create_task(ch.command("AT+CGMI", timeout=5))
+        async with asyncio.timeout(2):
+            while "AT+CGMI" not in peer.received:
+                peer.got_line.clear()
+                await peer.got_line.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        peer.silent = False
+        peer.send(b"\r\nQuectel\r\n\r\nOK\r\n")  # the late answer to the cancelled command
+        resp = await ch.command("AT+CSQ", timeout=2)
+        assert resp.lines == ("+CSQ: 21,99",)

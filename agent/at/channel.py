@@ -270,6 +270,14 @@ class AtChannel:
             future=loop.create_future(),
             require=require.upper() if require else None,
         )
+        # Whatever already arrived predates this command: complete lines are URCs; an unterminated
+        # tail (a half-sent line, noise) would glue onto the echo or first reply line, so drop it.
+        self._port.read_pending()
+        if self._lost is not None:
+            raise self._lost
+        if stale := self._reader.pending():
+            log.debug("at_stale_partial_dropped", port=self.port, text=stale)
+        self._reader.reset()
         # Register the waiter before writing so a fast reply cannot be missed.
         self._pending = pending
         try:
@@ -281,6 +289,10 @@ class AtChannel:
             raise AtTimeout(
                 f"{self.port}: no reply to {command} within {timeout:g} s", command
             ) from exc
+        except asyncio.CancelledError:
+            # The modem will still answer: its late reply must not answer the next command.
+            self._dirty = True
+            raise
         finally:
             self._pending = None
             fut = pending.future

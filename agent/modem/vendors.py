@@ -59,6 +59,13 @@ VENDORS: tuple[VendorProfile, ...] = (
         refresh="auto",
     ),
     VendorProfile(
+        name="dell",
+        match=("dell",),
+        iccid_commands=("AT+CCID", "AT+ICCID"),
+        # DW5821e: no logical channels (CSIM only) and it takes a new profile only on reset.
+        refresh="reset",
+    ),
+    VendorProfile(
         name="huawei",
         match=("huawei",),
         iccid_commands=("AT^ICCID?", "AT+CCID", "AT+ICCID"),

@@ -1,0 +1,366 @@
+"""End to end: the real daemon process, a real Mosquitto, the emulator with two modems.
+
+Every test starts its own stack (agent.demo.stack.DemoStack, the one the demo uses) and
+watches what a sibling device would: the retained MQTT state and the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.daemon.control import control_call
+from agent.demo.mosquitto import Watcher
+from agent.demo.stack import DEMO_ICCIDS, DemoStack, mosquitto_available
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not mosquitto_available(), reason="needs mosquitto (apt install mosquitto)"),
+]
+
+PRIMARY, ROAM, EMERGENCY = DEMO_ICCIDS
+STEP_S = 60.0
+
+StackFactory = Callable[..., Awaitable[DemoStack]]
+
+
+@pytest.fixture
+async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
+    stacks: list[DemoStack] = []
+
+    async def make(**kwargs: Any) -> DemoStack:
+        stack = DemoStack(tmp_path / f"stack{len(stacks)}", broker="mosquitto", **kwargs)
+        stacks.append(stack)
+        await stack.start()
+        await stack.wait_json("state", lambda s: s.get("active_layer") == "primary", STEP_S)
+        return stack
+
+    yield make
+    for stack in stacks:
+        await stack.close()
+
+
+def enabled_on(profiles: dict[str, Any]) -> list[str]:
+    return [p["iccid"] for p in profiles["profiles"] if p["state"] == "enabled"]
+
+
+async def test_scenario_failover_emergency_failback(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+
+    mark = stack.mark()
+    await stack.control("link", modem="m0", state="down")
+    failover = await stack.wait_transition(lambda d: d["to_layer"] == "failover", STEP_S, mark)
+    assert (failover["kind"], failover["from_layer"], failover["outcome"]) == (
+        "failover",
+        "primary",
+        "switched",
+    )
+    assert "primary is down" in failover["reason"]
+
+    mark = stack.mark()
+    await stack.control("profile", modem="m1", op="broken", iccid=ROAM)
+    emergency = await stack.wait_transition(lambda d: d["to_layer"] == "emergency", STEP_S, mark)
+    assert (emergency["kind"], emergency["outcome"]) == ("emergency", "switched")
+    assert emergency["to_profile"] == EMERGENCY
+    on_m1 = await stack.wait_json(
+        "profiles/m1", lambda p: enabled_on(p) == [EMERGENCY], STEP_S, mark
+    )
+    assert enabled_on(on_m1) == [EMERGENCY]
+    # The emulator agrees: the dongle registered on the emergency operator.
+    status = await stack.control("status", modem="m1")
+    assert status["operator"]["mcc_mnc"] == "20801"
+
+    mark = stack.mark()
+    await stack.control("link", modem="m0", state="up")
+    await stack.control("profile", modem="m1", op="broken", iccid=ROAM, broken=False)
+    failback = await stack.wait_transition(lambda d: d["to_layer"] == "primary", STEP_S, mark)
+    assert (failback["kind"], failback["from_layer"], failback["outcome"]) == (
+        "failback",
+        "emergency",
+        "switched",
+    )
+    disabled = await stack.wait_json(
+        "events", lambda e: e.get("type") == "emergency_disabled", STEP_S, mark
+    )
+    assert disabled["data"]["outcome"] == "switched"
+    await stack.wait_json("profiles/m1", lambda p: enabled_on(p) == [ROAM], STEP_S, mark)
+
+    # Each transition carries its timings, in order: detected <= decided <= switched <= verified.
+    for tr in stack.transitions():
+        stamps = [tr[k] for k in ("detected_at", "decided_at", "switched_at", "verified_at")]
+        assert None not in stamps
+        assert stamps == sorted(stamps)
+    kinds = [t["kind"] for t in stack.transitions()]
+    assert kinds == ["initial", "failover", "emergency", "failback"]
+
+    # The CLI reads the same story through the control socket.
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--json", "--socket", stack.socket],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    status_json = json.loads(out.stdout)
+    assert status_json["active_layer"] == "primary"
+    assert [t["kind"] for t in status_json["timeline"]] == kinds
+
+
+async def test_retained_state_and_last_will(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    assert stack.address is not None
+    # A sibling that connects late still gets the whole picture from retained messages.
+    async with Watcher(stack.address, f"{stack.topic}/#") as late:
+        availability = await late.wait_for(f"{stack.topic}/availability", lambda p: p == b"online")
+        assert availability[2] is True  # retained
+        state = await late.wait_json(f"{stack.topic}/state", lambda s: True)
+        assert state["active_layer"] == "primary"
+        assert state["active_profile"] == PRIMARY
+        assert state["connectivity"] is True
+        modem = await late.wait_json(f"{stack.topic}/modems/m0", lambda m: m["online"])
+        assert modem["registration"]["state"] == "home"
+        assert modem["identity"]["imei"] == "867698041234560"
+        layers = await late.wait_json(f"{stack.topic}/layers", lambda x: x["active"] == "primary")
+        assert [x["name"] for x in layers["layers"]] == ["primary", "failover", "emergency"]
+        await late.wait_json(f"{stack.topic}/health/primary", lambda h: h["status"] == "up")
+        assert enabled_on(await late.wait_json(f"{stack.topic}/profiles/m1", lambda p: True)) == [
+            ROAM
+        ]
+        # Home Assistant discovery for the main entities.
+    async with Watcher(stack.address, "homeassistant/#") as ha:
+        config = await ha.wait_json(
+            "homeassistant/binary_sensor/demo_connectivity/config",
+            lambda c: c.get("device_class") == "connectivity",
+        )
+        assert config["availability_topic"] == f"{stack.topic}/availability"
+
+        # SIGKILL: no goodbye, the broker publishes the Last Will.
+        mark = stack.mark()
+        await stack.stop_daemon(signal.SIGKILL)
+        assert stack.watcher is not None
+        await stack.watcher.wait_for(
+            f"{stack.topic}/availability", lambda p: p == b"offline", STEP_S, mark
+        )
+
+    # Back again: online, and the state republished.
+    mark = stack.mark()
+    stack.start_daemon()
+    assert stack.watcher is not None
+    await stack.watcher.wait_for(
+        f"{stack.topic}/availability", lambda p: p == b"online", STEP_S, mark
+    )
+    await stack.wait_json("state", lambda s: s["active_layer"] == "primary", STEP_S, mark)
+
+
+async def test_sigterm_says_offline_and_exits_cleanly(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    mark = stack.mark()
+    code = await stack.stop_daemon(signal.SIGTERM)
+    assert code == 0
+    assert stack.watcher is not None
+    await stack.watcher.wait_for(
+        f"{stack.topic}/availability", lambda p: p == b"offline", STEP_S, mark
+    )
+    assert not Path(stack.socket).exists()
+    log = stack.daemon_log.read_text()
+    assert "daemon_stopped" in log
+
+
+async def test_flapping_link_does_not_flap_switches(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    mark = stack.mark()
+    # The stimulus: the primary's link toggles every 1.5 s for 18 s (12 changes).
+    for n in range(12):
+        await stack.control("link", modem="m0", state="down" if n % 2 == 0 else "up")
+        await asyncio.sleep(1.5)
+    await stack.control("link", modem="m0", state="up")
+    moves = [
+        t
+        for t in stack.transitions()[1:]  # after the initial activation
+        if t["outcome"] == "switched"
+    ]
+    # Without hold-down and failback dwell this would be up to 12 switches.
+    assert len(moves) <= 4, [(t["kind"], t["to_layer"]) for t in moves]
+    assert all(t["to_layer"] in ("primary", "failover") for t in moves)
+    # The daemon settles back on the primary once it stays up.
+    await stack.wait_json("state", lambda s: s["active_layer"] == "primary", STEP_S, mark)
+
+
+class Caller:
+    """A sibling device sending MQTT v5 requests with a response topic and correlation data."""
+
+    def __init__(self, stack: DemoStack) -> None:
+        self.stack = stack
+        self.reply = f"replies/{uuid.uuid4().hex[:8]}"
+
+    async def request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.stack.address is not None
+        corr = uuid.uuid4().bytes
+        async with Watcher(self.stack.address, self.reply) as w, aiomqtt.Client(
+            self.stack.address.host,
+            self.stack.address.port,
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ) as client:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self.reply
+            props.CorrelationData = corr
+            await client.publish(
+                f"{self.stack.topic}/cmd/{name}",
+                json.dumps(body).encode(),
+                qos=1,
+                properties=props,
+            )
+            found: dict[str, Any] = {}
+
+            def matches(_: bytes) -> bool:
+                for _, raw, _, p in w.messages:
+                    if getattr(p, "CorrelationData", None) == corr:
+                        found.update(json.loads(raw))
+                        return True
+                return False
+
+            await w.wait_for(self.reply, matches, STEP_S)
+            return found
+
+
+async def test_commands_with_and_without_authorisation(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    caller = Caller(stack)
+    token = stack.command_token
+
+    denied = await caller.request("status", {"token": "wrong-token-123456"})
+    assert denied == {"ok": False, "command": "status", "error": denied["error"]}
+    assert denied["error"]["code"] == "unauthorized"
+    missing = await caller.request("drill", {})
+    assert missing["error"]["code"] == "unauthorized"
+
+    status = await caller.request("status", {"token": token})
+    assert status["ok"] is True
+    assert status["result"]["active_layer"] == "primary"
+
+    unknown = await caller.request(
+        "profile_nickname",
+        {"token": token, "modem": "m1", "iccid": "8900000000000000000", "nickname": "x"},
+    )
+    assert unknown["error"]["code"] == "iccid_not_found"
+    busy_modem = await caller.request(
+        "profile_enable", {"token": token, "modem": "m0", "iccid": "8944500102030405067"}
+    )
+    assert busy_modem["ok"] is True  # already the running profile: nothing to change
+    renamed = await caller.request(
+        "profile_nickname", {"token": token, "modem": "m1", "iccid": ROAM, "nickname": "Globe"}
+    )
+    assert renamed["ok"] is True
+    profiles = await stack.wait_json(
+        "profiles/m1",
+        lambda p: any(x["nickname"] == "Globe" for x in p["profiles"]),
+        STEP_S,
+    )
+    assert profiles["modem"] == "m1"
+    not_allowed = await caller.request(
+        "profile_disable", {"token": token, "modem": "m0", "iccid": PRIMARY}
+    )
+    assert not_allowed["error"]["code"] == "not_allowed"
+
+    mark = stack.mark()
+    switched = await caller.request("switch_layer", {"token": token, "layer": "failover"})
+    assert switched["ok"] is True
+    assert switched["result"]["transition"]["to_layer"] == "failover"
+    assert switched["result"]["transition"]["kind"] == "manual"
+    await stack.wait_json("state", lambda s: s["active_layer"] == "failover", STEP_S, mark)
+
+
+async def test_broker_outage_mid_scenario(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    assert stack.mosquitto is not None
+    await asyncio.to_thread(stack.mosquitto.kill)
+    # The modem loops and the policy keep going without a broker.
+    await stack.control("link", modem="m0", state="down")
+
+    async def active_layer() -> str | None:
+        st = await control_call(stack.socket, "status", {}, timeout=10)
+        assert isinstance(st, dict)
+        return st["active_layer"]  # type: ignore[no-any-return]
+
+    async with asyncio.timeout(STEP_S):
+        while await active_layer() != "failover":
+            await asyncio.sleep(0.5)
+    await asyncio.to_thread(stack.mosquitto.start)
+    assert stack.address is not None
+    # A sibling connecting after the outage sees the new truth, republished on reconnect.
+    async with Watcher(stack.address, f"{stack.topic}/#") as after:
+        await after.wait_for(f"{stack.topic}/availability", lambda p: p == b"online", STEP_S)
+        state = await after.wait_json(
+            f"{stack.topic}/state", lambda s: s["active_layer"] == "failover", STEP_S
+        )
+        assert state["active_profile"] == ROAM
+
+
+async def test_sigkill_mid_switch_then_recovery(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    # Slow re-attach on the dongle so the kill lands inside the eUICC switch.
+    await stack.control("set_delays", modem="m1", reattach=4.0)
+    await stack.control("link", modem="m0", state="down")
+    await stack.wait_transition(lambda d: d["to_layer"] == "failover", STEP_S)
+    mark = stack.mark()
+    await stack.control("profile", modem="m1", op="broken", iccid=ROAM)
+    await stack.wait_json(
+        "events",
+        lambda e: e.get("type") == "transition_started"
+        and e["data"]["to_layer"] == "emergency",
+        STEP_S,
+        mark,
+    )
+    # Wait until the card has switched (the emulator now runs the emergency profile).
+    async with asyncio.timeout(STEP_S):
+        while (await stack.control("status", modem="m1"))["iccid"] != EMERGENCY:
+            await asyncio.sleep(0.1)
+    await stack.stop_daemon(signal.SIGKILL)
+
+    # Meanwhile the networks heal; the restarted daemon must find its way to the primary and
+    # put the dongle back on its home profile, whatever the killed one left behind.
+    await stack.control("set_delays", modem="m1", reattach=0.5)
+    await stack.control("link", modem="m0", state="up")
+    await stack.control("profile", modem="m1", op="broken", iccid=ROAM, broken=False)
+    mark = stack.mark()
+    stack.start_daemon()
+    await stack.wait_json(
+        "state", lambda s: s["active_layer"] == "primary" and s["connectivity"], STEP_S, mark
+    )
+    await stack.wait_json("profiles/m1", lambda p: enabled_on(p) == [ROAM], STEP_S, mark)
+    status = await stack.control("status", modem="m1")
+    assert status["iccid"] == ROAM
+
+
+async def test_sighup_keeps_old_config_when_new_one_is_bad(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    assert stack.daemon is not None
+    good = stack.config_path.read_text()
+    stack.config_path.write_text(good.replace('role = "primary"', 'role = "boss"'))
+    stack.daemon.send_signal(signal.SIGHUP)
+    async with asyncio.timeout(STEP_S):
+        while "config_reload_refused" not in stack.daemon_log.read_text():
+            await asyncio.sleep(0.2)
+    assert stack.daemon.poll() is None
+    st = await control_call(stack.socket, "status", {}, timeout=10)
+    assert isinstance(st, dict)
+    assert st["active_layer"] == "primary"
+
+    # A good file is taken: the daemon restarts its parts and comes back on the primary.
+    stack.config_path.write_text(good)
+    mark = stack.mark()
+    stack.daemon.send_signal(signal.SIGHUP)
+    await stack.wait_transition(lambda d: d["to_layer"] == "primary", STEP_S, mark)
+    assert stack.daemon.poll() is None
