@@ -36,8 +36,15 @@ STEP_S = 60.0
 StackFactory = Callable[..., Awaitable[DemoStack]]
 
 
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = STEP_S) -> None:
+    """Wait for a condition on another process's state (no event to wait on), with a deadline."""
+    async with asyncio.timeout(timeout):
+        while not await check():  # noqa: ASYNC110 - the state lives in another process
+            await asyncio.sleep(0.1)
+
+
 @pytest.fixture
-async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
+async def make_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[StackFactory]:
     stacks: list[DemoStack] = []
 
     async def make(**kwargs: Any) -> DemoStack:
@@ -50,6 +57,18 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
     yield make
     for stack in stacks:
         await stack.close()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        # The daemon's own story of what went wrong, for CI logs.
+        for stack in stacks:
+            lines = stack.daemon_log.read_text(errors="replace").splitlines()
+            interesting = [
+                line
+                for line in lines
+                if '"level": "debug"' not in line and "probe_result_changed" not in line
+            ]
+            sys.stderr.write(f"--- {stack.daemon_log} (last 60 of {len(lines)})\n")
+            sys.stderr.write("\n".join(interesting[-60:]) + "\n")
 
 
 def enabled_on(profiles: dict[str, Any]) -> list[str]:
@@ -106,13 +125,8 @@ async def test_scenario_failover_emergency_failback(make_stack: StackFactory) ->
     assert kinds == ["initial", "failover", "emergency", "failback"]
 
     # The CLI reads the same story through the control socket.
-    out = subprocess.run(
-        [sys.executable, "-m", "agent", "status", "--json", "--socket", stack.socket],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    out = await asyncio.to_thread(run_cli, "status", "--json", "--socket", stack.socket)
+    assert out.returncode == 0, out.stderr
     status_json = json.loads(out.stdout)
     assert status_json["active_layer"] == "primary"
     assert [t["kind"] for t in status_json["timeline"]] == kinds
@@ -173,8 +187,8 @@ async def test_sigterm_says_offline_and_exits_cleanly(make_stack: StackFactory) 
     await stack.watcher.wait_for(
         f"{stack.topic}/availability", lambda p: p == b"offline", STEP_S, mark
     )
-    assert not Path(stack.socket).exists()
-    log = stack.daemon_log.read_text()
+    assert not await asyncio.to_thread(Path(stack.socket).exists)
+    log = await asyncio.to_thread(stack.daemon_log.read_text)
     assert "daemon_stopped" in log
 
 
@@ -208,11 +222,14 @@ class Caller:
     async def request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self.stack.address is not None
         corr = uuid.uuid4().bytes
-        async with Watcher(self.stack.address, self.reply) as w, aiomqtt.Client(
-            self.stack.address.host,
-            self.stack.address.port,
-            protocol=aiomqtt.ProtocolVersion.V5,
-        ) as client:
+        async with (
+            Watcher(self.stack.address, self.reply) as w,
+            aiomqtt.Client(
+                self.stack.address.host,
+                self.stack.address.port,
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as client,
+        ):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = self.reply
             props.CorrelationData = corr
@@ -294,9 +311,10 @@ async def test_broker_outage_mid_scenario(make_stack: StackFactory) -> None:
         assert isinstance(st, dict)
         return st["active_layer"]  # type: ignore[no-any-return]
 
-    async with asyncio.timeout(STEP_S):
-        while await active_layer() != "failover":
-            await asyncio.sleep(0.5)
+    async def on_failover() -> bool:
+        return await active_layer() == "failover"
+
+    await until(on_failover)
     await asyncio.to_thread(stack.mosquitto.start)
     assert stack.address is not None
     # A sibling connecting after the outage sees the new truth, republished on reconnect.
@@ -318,15 +336,16 @@ async def test_sigkill_mid_switch_then_recovery(make_stack: StackFactory) -> Non
     await stack.control("profile", modem="m1", op="broken", iccid=ROAM)
     await stack.wait_json(
         "events",
-        lambda e: e.get("type") == "transition_started"
-        and e["data"]["to_layer"] == "emergency",
+        lambda e: e.get("type") == "transition_started" and e["data"]["to_layer"] == "emergency",
         STEP_S,
         mark,
     )
+
     # Wait until the card has switched (the emulator now runs the emergency profile).
-    async with asyncio.timeout(STEP_S):
-        while (await stack.control("status", modem="m1"))["iccid"] != EMERGENCY:
-            await asyncio.sleep(0.1)
+    async def card_switched() -> bool:
+        return (await stack.control("status", modem="m1"))["iccid"] == EMERGENCY
+
+    await until(card_switched)
     await stack.stop_daemon(signal.SIGKILL)
 
     # Meanwhile the networks heal; the restarted daemon must find its way to the primary and
@@ -347,20 +366,72 @@ async def test_sigkill_mid_switch_then_recovery(make_stack: StackFactory) -> Non
 async def test_sighup_keeps_old_config_when_new_one_is_bad(make_stack: StackFactory) -> None:
     stack = await make_stack()
     assert stack.daemon is not None
-    good = stack.config_path.read_text()
-    stack.config_path.write_text(good.replace('role = "primary"', 'role = "boss"'))
+    good = await asyncio.to_thread(stack.config_path.read_text)
+    await asyncio.to_thread(
+        stack.config_path.write_text, good.replace('role = "primary"', 'role = "boss"')
+    )
     stack.daemon.send_signal(signal.SIGHUP)
-    async with asyncio.timeout(STEP_S):
-        while "config_reload_refused" not in stack.daemon_log.read_text():
-            await asyncio.sleep(0.2)
+
+    async def refused() -> bool:
+        return "config_reload_refused" in await asyncio.to_thread(stack.daemon_log.read_text)
+
+    await until(refused)
     assert stack.daemon.poll() is None
     st = await control_call(stack.socket, "status", {}, timeout=10)
     assert isinstance(st, dict)
     assert st["active_layer"] == "primary"
 
     # A good file is taken: the daemon restarts its parts and comes back on the primary.
-    stack.config_path.write_text(good)
+    await asyncio.to_thread(stack.config_path.write_text, good)
     mark = stack.mark()
     stack.daemon.send_signal(signal.SIGHUP)
     await stack.wait_transition(lambda d: d["to_layer"] == "primary", STEP_S, mark)
     assert stack.daemon.poll() is None
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_profile_commands_go_through_the_running_daemon(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    assert stack.emulator is not None
+    port = stack.emulator.modem("m1")["link"]
+    # The daemon holds the port: opening it directly is refused...
+    direct = await asyncio.to_thread(run_cli, "modem", "info", "--port", port)
+    assert direct.returncode != 0
+    assert "in use" in direct.stderr
+    assert len(direct.stderr.strip().splitlines()) == 1
+    # ...but the profile commands are carried out by the daemon that owns it.
+    listed = await asyncio.to_thread(
+        run_cli, "profile", "list", "--port", port, "--socket", stack.socket, "--json"
+    )
+    assert listed.returncode == 0, listed.stderr
+    profiles = json.loads(listed.stdout)["profiles"]
+    assert {p["iccid"]: p["state"] for p in profiles} == {ROAM: "enabled", EMERGENCY: "disabled"}
+    named = await asyncio.to_thread(
+        run_cli,
+        "profile",
+        "nickname",
+        EMERGENCY,
+        "rescue",
+        "--port",
+        port,
+        "--socket",
+        stack.socket,
+    )
+    assert named.returncode == 0, named.stderr
+    await stack.wait_json(
+        "profiles/m1", lambda p: any(x["nickname"] == "rescue" for x in p["profiles"]), STEP_S
+    )
+    info = await asyncio.to_thread(
+        run_cli, "euicc", "info", "--port", port, "--socket", stack.socket, "--json"
+    )
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["eid"] == "89049032123451234512345678902222"

@@ -308,7 +308,17 @@ def parse_cpin(text: str) -> str:
     return "unknown"
 
 
-_ICCID_PREFIXES = ("+CCID", "+ICCID", "^ICCID", "!ICCID", "+QCCID", "+CICCID", "ICCID", "^SCID", "+SCID")
+_ICCID_PREFIXES = (
+    "+CCID",
+    "+ICCID",
+    "^ICCID",
+    "!ICCID",
+    "+QCCID",
+    "+CICCID",
+    "ICCID",
+    "^SCID",
+    "+SCID",
+)
 _ICCID_CHARS = re.compile(r"[0-9A-F]+")
 
 

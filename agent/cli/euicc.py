@@ -80,6 +80,13 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--apdu-mode", choices=("auto", "cgla", "csim"), default="auto")
     p.add_argument("--timeout", type=float, default=120.0, help="overall deadline, s")
+    p.add_argument(
+        "--socket",
+        default=None,
+        help="a running daemon's control socket; when that daemon owns --port the command "
+        "goes through it instead of fighting it for the port (default $ESIM_AGENT_SOCKET "
+        "or /run/esim-agent/control.sock)",
+    )
     return p
 
 
@@ -97,7 +104,49 @@ async def _session(args: argparse.Namespace, action: Action) -> Any:
             return await action(lpa, modem)
 
 
-def _run(args: argparse.Namespace, action: Action, render: Callable[[Any], None]) -> int:
+_NOT_ROUTED = object()
+
+
+def _via_daemon(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any]) -> Any:
+    """The daemon's answer when a daemon owns args.port; _NOT_ROUTED when none does."""
+    from pathlib import Path
+
+    from agent.cli.daemon import call_daemon, default_socket
+    from agent.daemon.control import ControlError, DaemonNotRunning
+
+    socket = args.socket or default_socket()
+    if not Path(socket).exists():
+        return _NOT_ROUTED
+    try:
+        return call_daemon(socket, cmd, {"modem": args.port, **cmd_args})
+    except DaemonNotRunning:
+        return _NOT_ROUTED
+    except ControlError as exc:
+        if exc.message.startswith("unknown_modem"):
+            return _NOT_ROUTED  # the daemon runs, but not on this port
+        raise AgentError(f"{args.port} (via daemon): {exc.message}") from exc
+
+
+def _run(
+    args: argparse.Namespace,
+    action: Action,
+    render: Callable[[Any], None],
+    daemon: tuple[str, dict[str, Any]] | None = None,
+    convert: Callable[[Any], Any] = lambda value: value,
+) -> int:
+    if daemon is not None:
+        try:
+            routed = _via_daemon(args, *daemon)
+        except AgentError as exc:
+            error(str(exc))
+            return _EXIT_RUNTIME
+        if routed is not _NOT_ROUTED:
+            result = convert(routed)
+            if args.json:
+                print_json(result)
+            else:
+                render(result)
+            return 0
     try:
         result = asyncio.run(_session(args, action))
     except TimeoutError:
@@ -135,7 +184,14 @@ def _info(args: argparse.Namespace) -> int:
             [("eUICC", [(k, ", ".join(v) if isinstance(v, list) else v) for k, v in items])]
         )
 
-    return _run(args, action, render)
+    def convert(value: Any) -> Any:
+        import msgspec
+
+        from agent.euicc.lpa import EuiccInfo
+
+        return msgspec.convert(value, EuiccInfo)
+
+    return _run(args, action, render, ("euicc_info", {}), convert)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -149,13 +205,32 @@ def _list(args: argparse.Namespace) -> int:
         ]
         print_table(("iccid", "state", "class", "nickname", "provider", "name"), rows)
 
-    return _run(args, action, render)
+    def convert(value: Any) -> Any:
+        import msgspec
+
+        from agent.euicc.es10 import ProfileInfo
+
+        return {"profiles": msgspec.convert(value["profiles"], list[ProfileInfo])}
+
+    return _run(args, action, render, ("profile_list", {}), convert)
 
 
 def _enable(args: argparse.Namespace) -> int:
     iccid = _iccid_arg(args.iccid)
     if iccid is None:
         return _EXIT_USAGE
+    try:
+        routed = _via_daemon(args, "profile_enable", {"iccid": iccid})
+    except AgentError as exc:
+        error(str(exc))
+        return _EXIT_RUNTIME
+    if routed is not _NOT_ROUTED:
+        # The daemon always switches safely: verified, with rollback.
+        import msgspec
+
+        from agent.euicc.switch import SwitchReport
+
+        return _print_report(args, msgspec.convert(routed, SwitchReport))
     if args.safe:
         return _safe_enable(args, iccid)
 
@@ -203,6 +278,10 @@ def _safe_enable(args: argparse.Namespace, iccid: str) -> int:
     except AgentError as exc:
         error(str(exc))
         return _EXIT_RUNTIME
+    return _print_report(args, report)
+
+
+def _print_report(args: argparse.Namespace, report: Any) -> int:
     if args.json:
         print_json(report)
     else:
@@ -221,7 +300,12 @@ def _disable(args: argparse.Namespace) -> int:
         await lpa.disable_profile(iccid, refresh=not args.no_refresh)
         return {"iccid": iccid, "state": "disabled"}
 
-    return _run(args, action, lambda r: print(f"{r['iccid']} disabled"))
+    return _run(
+        args,
+        action,
+        lambda r: print(f"{r['iccid']} disabled"),
+        ("profile_disable", {"iccid": iccid}),
+    )
 
 
 def _nickname(args: argparse.Namespace) -> int:
@@ -236,7 +320,12 @@ def _nickname(args: argparse.Namespace) -> int:
         await lpa.set_nickname(iccid, args.nickname)
         return {"iccid": iccid, "nickname": args.nickname}
 
-    return _run(args, action, lambda r: print(f"{r['iccid']} nickname set to {r['nickname']!r}"))
+    return _run(
+        args,
+        action,
+        lambda r: print(f"{r['iccid']} nickname set to {r['nickname']!r}"),
+        ("profile_nickname", {"iccid": iccid, "nickname": args.nickname}),
+    )
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -251,7 +340,9 @@ def _delete(args: argparse.Namespace) -> int:
         await lpa.delete_profile(iccid)
         return {"iccid": iccid, "deleted": True}
 
-    return _run(args, action, lambda r: print(f"{r['iccid']} deleted"))
+    return _run(
+        args, action, lambda r: print(f"{r['iccid']} deleted"), ("profile_delete", {"iccid": iccid})
+    )
 
 
 def _nlist(args: argparse.Namespace) -> int:
@@ -265,7 +356,16 @@ def _nlist(args: argparse.Namespace) -> int:
         ]
         print_table(("seq", "operation", "iccid", "address"), rows)
 
-    return _run(args, action, render)
+    def convert(value: Any) -> Any:
+        import msgspec
+
+        from agent.euicc.es10 import NotificationMetadata
+
+        return {
+            "notifications": msgspec.convert(value["notifications"], list[NotificationMetadata])
+        }
+
+    return _run(args, action, render, ("notification_list", {}), convert)
 
 
 def _nremove(args: argparse.Namespace) -> int:
@@ -273,4 +373,9 @@ def _nremove(args: argparse.Namespace) -> int:
         await lpa.remove_notification(args.seq)
         return {"seq_number": args.seq, "removed": True}
 
-    return _run(args, action, lambda r: print(f"notification {r['seq_number']} removed"))
+    return _run(
+        args,
+        action,
+        lambda r: print(f"notification {r['seq_number']} removed"),
+        ("notification_remove", {"seq_number": args.seq}),
+    )

@@ -23,6 +23,7 @@ from agent.daemon.supervisor import Supervisor
 from agent.daemon.timeline import describe
 from agent.errors import AgentError, ConfigError
 from agent.euicc.lpa import Lpa
+from agent.euicc.switch import SwitchReport
 from agent.health.layer import LayerHealth as MonitorHealth
 from agent.health.layer import Thresholds
 from agent.health.monitor import LayerMonitor
@@ -241,7 +242,7 @@ class Daemon:
             if enabled is None or enabled in emergency:
                 log.warning("euicc_recovering", modem=session.id, enabled=enabled, restore_to=home)
                 try:
-                    report = await session.safe_switch(home, self._probe_fn(home))
+                    report = await self._switch_modem(session, home)
                     log.info("euicc_recovered", modem=session.id, outcome=report.outcome)
                 except AgentError as exc:
                     log.error("euicc_recovery_failed", modem=session.id, error=str(exc))
@@ -433,6 +434,21 @@ class Daemon:
                 if x.modem == layer.modem:
                     self._feed(x.name)
 
+    async def _switch_modem(self, session: ModemSession, iccid: str) -> SwitchReport:
+        """A safe switch outside the policy's own activations: health reports on that modem
+        are held while it runs, so the policy does not chase the switch's own outage."""
+        same_modem = [self.monitors[x.name] for x in self.cfg.layers if x.modem == session.id]
+        for m in same_modem:
+            m.pause()
+        try:
+            return await session.safe_switch(iccid, self._probe_fn(iccid))
+        finally:
+            for m in same_modem:
+                m.resume(reset=True)
+            for x in self.cfg.layers:
+                if x.modem == session.id:
+                    self._feed(x.name)
+
     async def _disable_emergency(self, name: str) -> None:
         layer = self._layer(name)
         session = self.sessions[layer.modem]
@@ -440,21 +456,11 @@ class Daemon:
         if home is None or session.enabled_iccid != layer.profile:
             return
         log.info("emergency_disabling", layer=name, restore_to=home)
-        same_modem = [self.monitors[x.name] for x in self.cfg.layers if x.modem == layer.modem]
-        for m in same_modem:
-            m.pause()
-        try:
-            report = await session.safe_switch(home, self._probe_fn(home))
-        finally:
-            for m in same_modem:
-                m.resume(reset=True)
+        report = await self._switch_modem(session, home)
         event = {"layer": name, "restored": home, "outcome": report.outcome, "error": report.error}
         log.info("emergency_disabled", **event)
         if self.bridge is not None:
             self.bridge.publish_event(Event(type="emergency_disabled", data=event))
-        for x in self.cfg.layers:
-            if x.modem == layer.modem:
-                self._feed(x.name)
 
     # ---- commands (control socket and MQTT) ----------------------------------------------
 
@@ -549,16 +555,24 @@ class Daemon:
                 "not_allowed",
                 f"{session.id} carries the active layer {active.name}: use switch_layer",
             )
-        report = await session.safe_switch(iccid, self._probe_fn(iccid))
+        if session.switching:
+            raise CommandRejected("busy", f"{session.id} is switching profiles right now")
+        report = await self._switch_modem(session, iccid)
         return msgspec.to_builtins(report)  # type: ignore[no-any-return]
 
     async def profile_disable(self, modem: str | None, iccid: str) -> dict[str, Any]:
         """Disable a profile unless the active layer runs on it."""
         session = self._session(modem)
         self._check_profile(session, iccid)
-        active = self._active_layer()
-        if active is not None and active.modem == session.id and active.profile == iccid:
-            raise CommandRejected("not_allowed", f"{iccid} is the active layer's profile")
+        layer = next(
+            (x for x in self.cfg.layers if x.modem == session.id and x.profile == iccid), None
+        )
+        if layer is not None and session.enabled_iccid == iccid:
+            # Disabling it would leave the modem with no profile to register with; the policy
+            # moves layers itself (switch_layer asks it to).
+            raise CommandRejected(
+                "not_allowed", f"{iccid} runs layer {layer.name}: use switch_layer instead"
+            )
 
         async def op(lpa: Lpa) -> None:
             await lpa.disable_profile(iccid)

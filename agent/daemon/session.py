@@ -253,6 +253,9 @@ class ModemSession:
     ) -> SwitchReport:
         """Enable iccid with verification and automatic rollback (see agent.euicc.switch)."""
         modem = self._require()
+        if self.enabled_iccid == iccid:
+            # Nothing to switch: a refresh or CFUN cycle here would only drop a working link.
+            return SwitchReport(outcome="switched", from_iccid=iccid, to_iccid=iccid)
         self.switching = True
         try:
             async with self.lock:
