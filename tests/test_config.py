@@ -271,3 +271,13 @@ def test_demo_config_from_emulator_info(tmp_path: Path) -> None:
     no_mqtt = default_demo_config(info, None, tmp_path, iccids[:2])
     assert not no_mqtt.mqtt.enabled
     assert [layer.role for layer in no_mqtt.layers] == ["primary", "failover"]
+
+
+def test_written_config_reads_back_the_same(tmp_path: Path) -> None:
+    from agent.config import config_to_toml
+
+    for example in sorted(Path("config").glob("*.toml")):
+        cfg = load_config(example)
+        out = tmp_path / example.name
+        out.write_text(config_to_toml(cfg))
+        assert load_config(out) == cfg

@@ -444,3 +444,33 @@ def test_random_sequences_keep_invariants(
 def test_initial_state_rejects_duplicate_names() -> None:
     with pytest.raises(ValueError, match="unique"):
         initial_state(PolicyConfig(layers=(LAYERS[0], LAYERS[0])), 0.0)
+
+
+def test_a_layer_sharing_its_modem_with_a_higher_one_is_cold() -> None:
+    """One WWAN card, two profiles: the second can't be probed while the first runs."""
+    from agent.config import parse_config
+
+    cfg = parse_config(
+        {
+            "device_id": "laptop",
+            "modems": [{"id": "wwan", "port": "/dev/ttyUSB2"}],
+            "layers": [
+                {
+                    "name": "home",
+                    "modem": "wwan",
+                    "profile": "89000000000000000011",
+                    "role": "primary",
+                },
+                {"name": "travel", "modem": "wwan", "profile": "89000000000000000029"},
+            ],
+        }
+    )
+    policy_cfg = PolicyConfig.from_config(cfg)
+    assert [s.cold for s in policy_cfg.layers] == [False, True]
+    d = Driver(policy_cfg, active="home")
+    # Its reports while inactive measure the other profile: they must not count.
+    d.report("travel", "down", times=5)
+    d.report("home", "down", times=1)
+    # With no evidence against it, the cold layer is tried when the active one fails.
+    assert d.target() == "travel"
+    assert d.activations()[-1] == "travel"
