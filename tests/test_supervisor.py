@@ -35,7 +35,8 @@ async def test_a_crashed_task_is_restarted_and_recorded(monkeypatch: pytest.Monk
         {"name": "flaky", "running": True, "restarts": 2, "last_error": "RuntimeError: boom 2"}
     ]
     await s.stop()
-    assert record.task is not None and record.task.done()
+    assert record.task is not None
+    assert record.task.done()
 
 
 async def test_a_task_that_returns_is_not_restarted() -> None:
