@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 from collections.abc import Callable
 
 import serial
@@ -76,11 +77,20 @@ class SerialPort:
             return
         self._on_data(data)
 
+    def read_pending(self) -> None:
+        """Deliver now, synchronously, the bytes already waiting in the kernel buffer."""
+        # A tty read with VMIN=0 returns b"" both for "nothing yet" and for hang-up: ask first.
+        for _ in range(64):
+            if self._closed or not select.select([self._fd], [], [], 0)[0]:
+                return
+            self._readable()
+
     def _fail(self, reason: str) -> None:
         if self._closed:
             return
         self._lost = PortGoneError(self.path, reason)
-        log.warning("serial_lost", port=self.path, reason=reason)
+        # info, not warning: the loss reaches the caller as PortGoneError and is reported there once
+        log.info("serial_lost", port=self.path, reason=reason)
         self._teardown()
         self._on_lost(self._lost)
 
