@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"esim-agent {__version__}")
     parser.add_argument(
-        "--log-level", default="warning", help="debug, info, warning (default) or error"
+        "--log-level",
+        default="error",
+        help="debug, info, warning or error (default; the daemon uses the config's level)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

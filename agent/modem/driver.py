@@ -47,6 +47,7 @@ class Modem:
         self._iccid_command: str | None = None
         self._charset = "GSM"
         self._supported: dict[str, bool] = {}
+        self._identity: Identity | None = None
         self.last_registration = Registration()
         self.registration_changed = asyncio.Event()
         channel.subscribe(("+CREG", "+CGREG", "+CEREG", "+C5GREG"), self._on_reg_urc)
@@ -89,7 +90,13 @@ class Modem:
             return None
 
     async def identity(self) -> Identity:
-        """Manufacturer, model, revision and IMEI (None when the modem has an ESN/MEID instead)."""
+        """Manufacturer, model, revision and IMEI (None when the modem has an ESN/MEID instead).
+
+        Read once per connection: a modem does not change identity without re-enumerating,
+        and then it is a new Modem object.
+        """
+        if self._identity is not None:
+            return self._identity
         manufacturer = _single_value(await self._try("AT+CGMI"), "+CGMI")
         model = _single_value(await self._try("AT+CGMM"), "+CGMM")
         revision = _single_value(await self._try("AT+CGMR"), "+CGMR")
@@ -98,7 +105,10 @@ class Modem:
         if raw_sn is not None:
             with contextlib.suppress(ParseError):
                 imei = parsers.parse_gsn(raw_sn)[0]
-        return Identity(manufacturer=manufacturer, model=model, revision=revision, imei=imei)
+        self._identity = Identity(
+            manufacturer=manufacturer, model=model, revision=revision, imei=imei
+        )
+        return self._identity
 
     async def sim_state(self) -> str:
         """ready, absent, unknown, or the lock (sim-pin, sim-puk, ph-net-pin, ...)."""
