@@ -28,36 +28,34 @@ class AtTimeout(AtError, TimeoutError):
     """No final result code arrived in time; the channel resynchronises before the next command."""
 
 
-class CmeError(AtError):
+class _CodedError(AtError):
+    """A failure result carrying a numeric code, a text, or both."""
+
+    prefix = "ERROR"
+
+    def __init__(
+        self,
+        code: int | None,
+        text: str | None,
+        command: str | None = None,
+        final: str | None = None,
+    ) -> None:
+        label = text if text else (str(code) if code is not None else "?")
+        super().__init__(f"{self.prefix}: {label}", command, final)
+        self.code = code
+        self.text = text
+
+
+class CmeError(_CodedError):
     """`+CME ERROR: <n|text>` (27.007 §9.2); code is None when the modem answered in text only."""
 
-    def __init__(
-        self,
-        code: int | None,
-        text: str | None,
-        command: str | None = None,
-        final: str | None = None,
-    ) -> None:
-        label = text if text else (str(code) if code is not None else "?")
-        super().__init__(f"+CME ERROR: {label}", command, final)
-        self.code = code
-        self.text = text
+    prefix = "+CME ERROR"
 
 
-class CmsError(AtError):
+class CmsError(_CodedError):
     """`+CMS ERROR: <n|text>` (27.005 §3.2.5)."""
 
-    def __init__(
-        self,
-        code: int | None,
-        text: str | None,
-        command: str | None = None,
-        final: str | None = None,
-    ) -> None:
-        label = text if text else (str(code) if code is not None else "?")
-        super().__init__(f"+CMS ERROR: {label}", command, final)
-        self.code = code
-        self.text = text
+    prefix = "+CMS ERROR"
 
 
 class PortGoneError(AtError):

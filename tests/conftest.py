@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
 
 import pytest
+
+from hw_fixtures.testing import EmulatorHandle, start_emulator
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -15,3 +17,18 @@ def pytest_runtest_makereport(
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture
+def emu_factory() -> Iterator[Callable[..., EmulatorHandle]]:
+    """Start emulators (fast delays) with extra arguments; all are stopped after the test."""
+    handles: list[EmulatorHandle] = []
+
+    def start(*args: str) -> EmulatorHandle:
+        handle = start_emulator("--fast", "--log-level", "warning", *args)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()

@@ -16,25 +16,11 @@ from hw_fixtures.control_client import ControlError
 from hw_fixtures.modem_core import ModemCore
 from hw_fixtures.personalities import get_personality
 from hw_fixtures.scenario import default_modem, load_scenario
-from hw_fixtures.testing import EmulatorHandle, PortReader, start_emulator, wait_for
+from hw_fixtures.testing import EmulatorHandle, PortReader, wait_for
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "hw_fixtures" / "scenarios"
 ICCID19 = "8944500102030405067"
 ISD_R = "A0000005591010FFFFFFFF8900000100"
-
-
-@pytest.fixture
-def emu_factory() -> Iterator[Callable[..., EmulatorHandle]]:
-    handles: list[EmulatorHandle] = []
-
-    def start(*args: str) -> EmulatorHandle:
-        handle = start_emulator("--fast", "--log-level", "warning", *args)
-        handles.append(handle)
-        return handle
-
-    yield start
-    for handle in handles:
-        handle.stop()
 
 
 @pytest.fixture

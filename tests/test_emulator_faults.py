@@ -13,21 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from hw_fixtures.dataplane import dns_answer
-from hw_fixtures.testing import EmulatorHandle, PortReader, start_emulator, wait_for
-
-
-@pytest.fixture
-def emu_factory() -> Iterator[Callable[..., EmulatorHandle]]:
-    handles: list[EmulatorHandle] = []
-
-    def start(*args: str) -> EmulatorHandle:
-        handle = start_emulator("--fast", "--log-level", "warning", *args)
-        handles.append(handle)
-        return handle
-
-    yield start
-    for handle in handles:
-        handle.stop()
+from hw_fixtures.testing import EmulatorHandle, PortReader, wait_for
 
 
 @pytest.fixture
