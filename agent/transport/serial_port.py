@@ -73,7 +73,10 @@ class SerialPort:
             self._fail(_short_reason(exc))
             return
         if not data:
-            self._fail("port closed (device unplugged?)")
+            # With VMIN=0 an empty read also means "the bytes that woke us were flushed"
+            # (a modem reset discards its output queue); only a hang-up means the port is gone.
+            if _hung_up(self._fd):
+                self._fail("port closed (device unplugged?)")
             return
         self._on_data(data)
 
@@ -140,6 +143,17 @@ class SerialPort:
         """Release the port and its lock."""
         self._teardown()
         log.debug("serial_closed", port=self.path)
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the other end of the tty is gone (POLLHUP/POLLERR), without waiting."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    try:
+        events = poller.poll(0)
+    except OSError:
+        return True
+    return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in events)
 
 
 def _short_reason(exc: BaseException) -> str:
