@@ -71,9 +71,16 @@ class _DnsProtocol(asyncio.DatagramProtocol):
 class DataPlane:
     """TCP echo, HTTP 204 and DNS endpoints for one modem, gated by state()."""
 
-    def __init__(self, state: Callable[[], str], delay: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        state: Callable[[], str],
+        delay: Callable[[], float],
+        count: Callable[[int, int], object] | None = None,
+    ) -> None:
         self._state = state
         self._delay = delay
+        # count(rx, tx): bytes the device received (downlink) and sent (uplink) through us
+        self._count = count
         self.tcp_port = 0
         self.http_port = 0
         self.dns_port = 0
@@ -142,6 +149,10 @@ class DataPlane:
             if self._dns is not None and self._dns.transport is not None:
                 self._dns.transport.close()
 
+    def _traffic(self, rx: int, tx: int) -> None:
+        if self._count is not None and (rx or tx):
+            self._count(rx, tx)
+
     async def _pause(self) -> None:
         if self._state() == "degraded":
             await asyncio.sleep(self._delay())
@@ -154,8 +165,10 @@ class DataPlane:
                 data = await asyncio.wait_for(reader.read(4096), IO_TIMEOUT)
                 if not data or not self._answering():
                     break
+                self._traffic(0, len(data))
                 await self._pause()
                 writer.write(data)
+                self._traffic(len(data), 0)
                 await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
         except (TimeoutError, ConnectionError):
             pass
@@ -168,6 +181,8 @@ class DataPlane:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            if self._answering():
+                self._traffic(0, len(head))
             parts = request_line.split()
             await self._pause()
             if not self._answering():
@@ -177,9 +192,9 @@ class DataPlane:
                 status = b"204 No Content"
             else:
                 status = b"404 Not Found"
-            writer.write(
-                b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
+            reply = b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            writer.write(reply)
+            self._traffic(len(reply), 0)
             await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
         except (
             TimeoutError,
@@ -197,6 +212,7 @@ class DataPlane:
         state = self._state()
         if state == "down":
             return
+        self._traffic(0, len(data))
         reply = dns_answer(data)
         if reply is None:
             return
@@ -214,3 +230,4 @@ class DataPlane:
             self.served["dns"] += 1
             with contextlib.suppress(OSError):
                 self._dns.transport.sendto(reply, addr)
+            self._traffic(len(reply), 0)

@@ -56,7 +56,11 @@ class EmulatedModem:
         events = CardEvents()
         self.card = make_card(cfg.eid, cfg.profiles, events)
         self.link = PtyLink(loop, self._on_data, os.path.join(link_dir, cfg.id))
-        self.dataplane = DataPlane(self._path_state, lambda: self.core.delays.degraded)
+        self.dataplane = DataPlane(
+            self._path_state,
+            lambda: self.core.delays.degraded,
+            self._count_traffic,
+        )
         self.core = ModemCore(
             cfg,
             personality,
@@ -67,6 +71,10 @@ class EmulatedModem:
         )
         events.on_profile_change = self.core.on_profile_change
         self._replug_timer: asyncio.TimerHandle | None = None
+
+    def _count_traffic(self, rx: int, tx: int) -> None:
+        # the core is built after the data plane, so it is looked up at call time
+        self.core.add_traffic(rx, tx)
 
     def _on_data(self, data: bytes) -> None:
         self.core.feed(data)
@@ -201,6 +209,11 @@ class Emulator:
                     setattr(core.delays, key, float(value))
             elif cmd == "profile":
                 reply = self._profile_op(modem, params)
+            elif cmd == "traffic":
+                if not modem.link.plugged or not core.add_traffic(
+                    _byte_count(params, "rx"), _byte_count(params, "tx")
+                ):
+                    raise ControlRequestError("data path is down: no traffic can flow")
             elif cmd in ("unplug", "replug") or (
                 cmd == "fault" and params.get("kind") in ("unplug", "replug")
             ):
@@ -242,6 +255,13 @@ class Emulator:
                 for p in profiles
             ]
         }
+
+
+def _byte_count(params: dict[str, Any], key: str) -> int:
+    value = params.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ControlRequestError(f"{key} must be a non-negative integer byte count")
+    return value
 
 
 async def run(

@@ -128,6 +128,9 @@ class ModemCore:
         self.history: deque[str] = deque(maxlen=100)
         self.commands_seen = 0
         self.rx_dropped = 0
+        # data-volume counters as the device sees them: rx downlink, tx uplink
+        self.bytes_rx = 0
+        self.bytes_tx = 0
         self._buf = bytearray()
         self._queue: deque[str] = deque()
         self._busy = False
@@ -412,6 +415,8 @@ class ModemCore:
 
     def _profile_switched(self, profile: ProfileSpec | None) -> None:
         log.info("emu_profile_switch", modem=self.cfg.id, iccid=profile.iccid if profile else None)
+        # the data context is torn down with the old profile, and the counter with it
+        self.reset_counters()
         if profile is not None:
             self.operator = OperatorState(
                 profile.operator_name, profile.operator_name, profile.mcc_mnc
@@ -441,6 +446,7 @@ class ModemCore:
         self.pdp_active.clear()
         self.pdp_user_off.clear()
         self.cops_deregistered = False
+        self.reset_counters()
         self._state_changed()
         self._later("reset", self.delays.reset, self._boot)
 
@@ -530,6 +536,8 @@ class ModemCore:
             table["+CPSI"] = self._at_cpsi
         if "gtccinfo" in ext:
             table["+GTCCINFO"] = self._at_gtccinfo
+        if self.p.data_counter == "qgdcnt":
+            table["+QGDCNT"] = self._at_qgdcnt
         return table
 
     def _test_lines(self, name: str) -> list[str]:
@@ -542,6 +550,7 @@ class ModemCore:
             "+CFUN": "+CFUN: (0,1,4),(0-1)",
             "+CSQ": "+CSQ: (0-31,99),(0-7,99)",
             "+CSCS": '+CSCS: ("GSM","IRA","UCS2")',
+            "+QGDCNT": "+QGDCNT: (0,1)",
         }
         return [ranges[name]] if name in ranges else []
 
@@ -719,6 +728,35 @@ class ModemCore:
                 f"100,{s.sinr_db or 0},{rsrp_idx},{rsrq_idx}",
             ]
         )
+
+    # ---------------------------------------------------------- data counters
+
+    def _at_qgdcnt(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            # Quectel reports bytes sent first, then bytes received
+            return Result(lines=[f"+QGDCNT: {self.bytes_tx},{self.bytes_rx}"])
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or len(args) != 1 or args[0] not in ("0", "1"):
+            return _cme(50)
+        if args[0] == "0":
+            self.reset_counters()
+        # "1" saves the counters to NV on real firmware; ours live as long as the process
+        return Result()
+
+    def reset_counters(self) -> None:
+        """Zero the data-volume counters, as a reset, a profile switch or AT+QGDCNT=0 does."""
+        self.bytes_rx = 0
+        self.bytes_tx = 0
+
+    def add_traffic(self, rx: int, tx: int) -> bool:
+        """Count bytes through the data path; False (nothing counted) while the path is down."""
+        if rx < 0 or tx < 0:
+            raise CoreError("rx and tx must be non-negative byte counts")
+        if self.data_path() == "down":
+            return False
+        self.bytes_rx += rx
+        self.bytes_tx += tx
+        return True
 
     # ------------------------------------------------------------ registration
 
@@ -1139,6 +1177,7 @@ class ModemCore:
             "link": self.link,
             "data_path": self.data_path(),
             "pdp": {str(c): c in self.pdp_active for c in sorted(self.pdp)},
+            "counters": {"rx_bytes": self.bytes_rx, "tx_bytes": self.bytes_tx},
             "faults": {
                 "hang": self.faults.hang,
                 "slow": self.faults.slow,

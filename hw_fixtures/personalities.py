@@ -31,6 +31,8 @@ class Personality:
     signal_extensions: frozenset[str] = frozenset()
     # emitted on every set_signal; {csq} and {ber} are substituted
     signal_urc: str | None = None
+    # data-volume counter command served: "qgdcnt" (Quectel AT+QGDCNT) or None
+    data_counter: str | None = None
 
 
 PERSONALITIES: dict[str, Personality] = {
@@ -52,6 +54,7 @@ PERSONALITIES: dict[str, Personality] = {
             boot_urcs=("RDY", "+CFUN: 1", "+CPIN: READY", "+QUSIM: 1", "+QIND: SMS DONE"),
             signal_extensions=frozenset({"qcsq", "qeng"}),
             signal_urc='+QIND: "csq",{csq},{ber}',
+            data_counter="qgdcnt",
         ),
         Personality(
             name="sierra",
