@@ -1,0 +1,1 @@
+"""Benchmarks of esim-agent against the emulator: `python -m bench [--quick]` runs them all."""
