@@ -435,3 +435,36 @@ async def test_profile_commands_go_through_the_running_daemon(make_stack: StackF
     )
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["eid"] == "89049032123451234512345678902222"
+
+
+async def test_usage_is_accounted_per_profile_with_quota_alerts(make_stack: StackFactory) -> None:
+    def small_quota(cfg: dict[str, Any]) -> None:
+        cfg.setdefault("usage", {})["quotas"] = {PRIMARY: 3000}
+
+    stack = await make_stack(tune=small_quota)
+    # The probes' own traffic through the emulated modem is counted (AT+QGDCNT on m0).
+    usage = await stack.wait_json(f"usage/{PRIMARY}", lambda u: u["total_bytes"] > 0, STEP_S)
+    assert usage["iccid"] == PRIMARY
+    assert usage["quota_bytes"] == 3000
+    mark = 0
+    await stack.control("traffic", modem="m0", rx=2000, tx=500)
+    alerts = []
+    for threshold in (50, 75, 90):
+        alert = await stack.wait_json(
+            "events",
+            lambda e, t=threshold: e.get("type") == "quota_alert" and e["data"]["threshold"] == t,
+            STEP_S,
+            mark,
+        )
+        alerts.append(alert["data"])
+    assert all(a["subject"] == PRIMARY for a in alerts)
+    assert all(a["quota_bytes"] == 3000 for a in alerts)
+    # Each threshold fires once per period.
+    await stack.wait_json(f"usage/{PRIMARY}", lambda u: u["percent"] >= 100, STEP_S)
+    assert stack.watcher is not None
+    fired = [
+        json.loads(p)["data"]["threshold"]
+        for t, p, _, _ in stack.watcher.messages
+        if t == f"{stack.topic}/events" and json.loads(p).get("type") == "quota_alert"
+    ]
+    assert sorted(fired) == [50, 75, 90]

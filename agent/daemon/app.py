@@ -21,6 +21,7 @@ from agent.daemon.hooks import run_hooks
 from agent.daemon.session import ModemSession
 from agent.daemon.supervisor import Supervisor
 from agent.daemon.timeline import describe
+from agent.daemon.usage import UsageTracker
 from agent.errors import AgentError, ConfigError
 from agent.euicc.lpa import Lpa
 from agent.euicc.switch import SwitchReport
@@ -39,6 +40,7 @@ from agent.mqtt.payloads import (
     ModemState,
     ProfileEntry,
     ProfilesState,
+    redact_value,
 )
 from agent.policy.engine import (
     Action,
@@ -62,10 +64,12 @@ from agent.policy.engine import (
     transition,
 )
 from agent.policy.engine import Event as PolicyEvent
+from agent.usage.store import QuotaAlert, UsageStore
 
 log = structlog.get_logger(__name__)
 
-TICK_S = 1.0
+#: Policy timers (failback dwell, hold-down) fire on ticks: a coarse tick delays them.
+TICK_S = 0.25
 VERIFY_INTERVAL_S = 0.3
 STARTUP_WAIT_S = 15.0
 TIMELINE_KEEP = 200
@@ -92,6 +96,8 @@ class Daemon:
         self._jobs: set[asyncio.Task[Any]] = set()
         self._record_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._processed: dict[int, asyncio.Future[list[Action]]] = {}
+        self._published: dict[str, Any] = {}
+        self.usage: UsageTracker | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._started_at = time.time()
@@ -133,12 +139,21 @@ class Daemon:
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("daemon_starting", device_id=cfg.device_id, modems=len(cfg.modems))
+        store = UsageStore(
+            self.state_dir / "usage.db",
+            tuple(cfg.usage.alert_thresholds),
+            cfg.usage.period_start_day,
+        )
+        self._usage_store = store
+        self.usage = UsageTracker(store, on_alert=self._on_quota_alert)
+        self.usage.apply_config(cfg.usage)
         for mcfg in cfg.modems:
             self.sessions[mcfg.id] = ModemSession(
                 mcfg,
                 state_dir=self.state_dir,
                 on_update=self._on_session_update,
                 rollback_timeout=cfg.timers.rollback_timeout,
+                on_poll=self._sample_usage,
             )
         thresholds = Thresholds(
             rssi_dbm_min=float(cfg.health.rssi_dbm_min)
@@ -166,6 +181,7 @@ class Daemon:
                 self._on_monitor_change,
                 window_size=window,
             )
+            self.monitors[layer.name].probe_gate = self._gate(layer)
         self.policy = initial_state(
             PolicyConfig.from_config(cfg), time.monotonic(), id_prefix=f"{cfg.device_id}"
         )
@@ -205,6 +221,8 @@ class Daemon:
         await self.supervisor.stop()
         if self.control is not None:
             await self.control.close()
+        if self.usage is not None:
+            await asyncio.to_thread(self._usage_store.close)
         self.sessions.clear()
         self.monitors.clear()
 
@@ -246,6 +264,45 @@ class Daemon:
                     log.info("euicc_recovered", modem=session.id, outcome=report.outcome)
                 except AgentError as exc:
                     log.error("euicc_recovery_failed", modem=session.id, error=str(exc))
+
+    def _gate(self, layer: LayerConfig) -> Callable[[], bool]:
+        session = self.sessions[layer.modem]
+
+        def running() -> bool:
+            return not session.profiles or session.enabled_iccid == layer.profile
+
+        return running
+
+    # ---- usage -----------------------------------------------------------------------------
+
+    async def _sample_usage(self, session: ModemSession) -> None:
+        if self.usage is None:
+            return
+        iccid = session.enabled_iccid or (session.info.sim.iccid if session.info else None)
+        reset, session.counters_reset = session.counters_reset, False
+        try:
+            await self.usage.sample(session.id, iccid, session.counters, new_session=reset)
+        except AgentError as exc:
+            log.error("usage_sample_failed", modem=session.id, error=str(exc))
+            return
+        if iccid is not None and session.counters is not None:
+            name = redact_value(iccid) if self.cfg.mqtt.redact else iccid
+            self._publish(f"usage/{name}", self.usage.snapshot(iccid))
+
+    def _on_quota_alert(self, alert: QuotaAlert) -> None:
+        data = msgspec.to_builtins(alert)
+        log.warning("quota_alert", **data)
+        if self.bridge is not None:
+            self.bridge.publish_event(Event(type="quota_alert", data=data))
+
+    async def _before_switch(self, session: ModemSession) -> None:
+        """Count the bytes since the last poll: the switch restarts the modem's counters."""
+        try:
+            await session.fresh_counters()
+        except AgentError as exc:
+            log.info("usage_presample_failed", modem=session.id, error=str(exc))
+            return
+        await self._sample_usage(session)
 
     def _home_profile(self, modem: str) -> str | None:
         """The profile a modem should run when no emergency is on: its top non-emergency layer."""
@@ -397,6 +454,7 @@ class Daemon:
             if not await session.wait_online(OFFLINE_GRACE_S):
                 raise AgentError(f"modem {session.id} is offline")
             if session.enabled_iccid != layer.profile:
+                await self._before_switch(session)
                 report = await session.safe_switch(layer.profile, self._probe_fn(layer.profile))
                 switched = True
                 log.info(
@@ -409,6 +467,7 @@ class Daemon:
                 if report.outcome != "switched":
                     reason = f"{report.outcome}: {report.error}"
                     return
+                monitor.clear()  # its history is of the link before the switch
             timings["switched_at"] = time.monotonic()
             while True:
                 health = await monitor.check_once()
@@ -441,6 +500,8 @@ class Daemon:
         for m in same_modem:
             m.pause()
         try:
+            if session.enabled_iccid != iccid:
+                await self._before_switch(session)
             return await session.safe_switch(iccid, self._probe_fn(iccid))
         finally:
             for m in same_modem:
@@ -715,6 +776,18 @@ class Daemon:
             redact=m.redact,
         )
 
+    def _publish(self, key: str, payload: msgspec.Struct | dict[str, Any]) -> None:
+        """Publish retained state when it changed (timestamps aside): siblings on metered
+        links should not pay for a poll that found nothing new."""
+        if self.bridge is None:
+            return
+        value = msgspec.to_builtins(payload)
+        comparable = {k: v for k, v in value.items() if k not in ("updated_at", "checked_at")}
+        if self._published.get(key) == comparable:
+            return
+        self._published[key] = comparable
+        self.bridge.publish_state(key, payload)
+
     def _publish_modem(self, session: ModemSession) -> None:
         if self.bridge is None:
             return
@@ -724,8 +797,8 @@ class Daemon:
             )
         else:
             state = ModemState(id=session.id, port=session.port, online=session.online)
-        self.bridge.publish_state(f"modems/{session.id}", state)
-        self.bridge.publish_state(
+        self._publish(f"modems/{session.id}", state)
+        self._publish(
             f"profiles/{session.id}",
             ProfilesState(
                 modem=session.id,
@@ -749,7 +822,7 @@ class Daemon:
         if self.bridge is None:
             return
         active = self.policy.active if self.policy is not None else None
-        self.bridge.publish_state(
+        self._publish(
             "layers",
             LayersState(
                 active=active,
@@ -773,7 +846,7 @@ class Daemon:
         snap = self.monitors[name].snapshot()
         state, reason = self._fed.get(name, (snap.state, snap.reason))
         latencies = [p.latency_ms for p in snap.probes if p.latency_ms is not None]
-        self.bridge.publish_state(
+        self._publish(
             f"health/{name}",
             HealthState(
                 layer=name,
@@ -795,7 +868,7 @@ class Daemon:
             "up",
             "degraded",
         )
-        self.bridge.publish_state(
+        self._publish(
             "state",
             DeviceState(
                 device_id=self.cfg.device_id,

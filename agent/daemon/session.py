@@ -20,6 +20,7 @@ from agent.euicc.switch import RefreshStrategy, SafeSwitch, SwitchReport
 from agent.euicc.transport import MODE_CGLA, MODE_CSIM, AtApduTransport
 from agent.health.layer import ModemSignals, signals_from_modem_info
 from agent.models import ModemInfo
+from agent.modem.counters import Counters, read_counters
 from agent.modem.driver import Modem
 from agent.modem.vendors import vendor_by_name
 from agent.transport.discovery import list_usb_ttys, match_usb
@@ -43,6 +44,7 @@ class ModemSession:
         state_dir: Path,
         on_update: Callable[[ModemSession], None],
         rollback_timeout: float = 120.0,
+        on_poll: Callable[[ModemSession], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.id = cfg.id
@@ -58,6 +60,10 @@ class ModemSession:
         self.eid: str | None = None
         self.last_error: str | None = None
         self.switching = False
+        self.counters: Counters | None = None
+        #: Set when the modem's byte counters restarted (boot URC, profile switch).
+        self.counters_reset = False
+        self._on_poll = on_poll
         #: Serialises multi-command work (eUICC sessions, switches, polls) on this modem.
         self.lock = asyncio.Lock()
         self.connected = asyncio.Event()
@@ -130,6 +136,7 @@ class ModemSession:
         channel = await AtChannel.open(port)
         vendor = vendor_by_name(self.cfg.vendor) if self.cfg.vendor != "auto" else None
         self.modem = Modem(channel, vendor)
+        channel.subscribe("RDY", self._on_boot)
         await self.modem.probe()
         if self.cfg.imei and (await self.modem.identity()).imei != self.cfg.imei:
             raise PortGoneError(port, f"modem on this port is not IMEI {self.cfg.imei}")
@@ -168,8 +175,13 @@ class ModemSession:
                 if modem.channel.needs_reprobe:
                     raise AtTimeout(f"{self.port}: modem stopped answering", "AT")
                 self._on_update(self)
+                if self._on_poll is not None:
+                    await self._on_poll(self)
         finally:
             lost.cancel()
+
+    def _on_boot(self, _line: str) -> None:
+        self.counters_reset = True
 
     def poll_soon(self) -> None:
         """Ask for a poll now instead of at the next interval."""
@@ -181,6 +193,7 @@ class ModemSession:
             raise PortGoneError(self.port or "?", "not connected")
         self.info = await modem.info()
         self.data_active = await modem.data_active()
+        self.counters = await read_counters(modem.channel, modem.vendor.name)
         if self.info.registration.state in ("home", "roaming") and self.data_active is False:
             # Like a connection manager with autoconnect: a registered modem gets its context.
             try:
@@ -267,6 +280,7 @@ class ModemSession:
                     probe=probe,
                 )
                 report = await switch.run(iccid)
+                self.counters_reset = True
                 await self._read_euicc_after_switch(report)
                 with contextlib.suppress(AtError):
                     await self._read_state()
@@ -274,6 +288,12 @@ class ModemSession:
             self.switching = False
         self._on_update(self)
         return report
+
+    async def fresh_counters(self) -> None:
+        """Read the byte counters now (before a switch resets them)."""
+        modem = self._require()
+        async with self.lock:
+            self.counters = await read_counters(modem.channel, modem.vendor.name)
 
     async def with_lpa(self, op: Callable[[Lpa], Awaitable[object]]) -> object:
         """Run one eUICC operation under the modem lock, then re-read the profile list."""

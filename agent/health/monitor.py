@@ -83,6 +83,10 @@ class LayerMonitor:
         self._signals: ModemSignals | None = None
         self._health = UNKNOWN
         self._paused = False
+        #: When set and false, the probe loops skip their rounds (check_once still probes):
+        #: a layer whose profile is not running has nothing of its own to measure, and on a
+        #: metered link every probe costs.
+        self.probe_gate: Callable[[], bool] | None = None
         self._log = log.bind(layer=name)
 
     @property
@@ -116,15 +120,19 @@ class LayerMonitor:
     def resume(self, *, reset: bool = False) -> None:
         """Publish again, re-evaluating at once; reset=True forgets probe history first."""
         if reset:
-            for window in self._windows.values():
-                window.clear()
-            self._last.clear()
-            self._last_ok_latency.clear()
-            self._health = UNKNOWN
+            self.clear()
         if self._paused:
             self._paused = False
             self._log.info("layer_health_resumed", reset=reset)
         self._publish()
+
+    def clear(self) -> None:
+        """Forget probe history and health (after the link under the layer changed)."""
+        for window in self._windows.values():
+            window.clear()
+        self._last.clear()
+        self._last_ok_latency.clear()
+        self._health = UNKNOWN
 
     async def check_once(self) -> LayerHealth:
         """Run every probe once now, record the results and return the fresh evaluation."""
@@ -173,8 +181,9 @@ class LayerMonitor:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            self._record(name, await self._run_probe(name, probe))
-            self._publish()
+            if self.probe_gate is None or self.probe_gate():
+                self._record(name, await self._run_probe(name, probe))
+                self._publish()
             # Keep a fixed cadence: a slow probe eats into the pause, not the schedule.
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
