@@ -913,12 +913,14 @@ class ModemCore:
 
     def set_cfun(self, fun: int) -> None:
         """Change the phone functionality level: 0 and 4 drop the radio, 1 brings it back."""
+        if fun != 1 and self.p.refresh == "cfun":
+            # Radio off powers the SIM down, even when it was already off: the card is read
+            # afresh on the way up, with whatever profile it has enabled by then.
+            self.pending_refresh = False
         if fun == self.cfun:
             return
         self.cfun = fun
         if fun != 1:
-            if self.p.refresh == "cfun":
-                self.pending_refresh = False
             self._detach()
         else:
             self._state_changed()

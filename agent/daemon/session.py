@@ -140,6 +140,11 @@ class ModemSession:
         await self.modem.probe()
         if self.cfg.imei and (await self.modem.identity()).imei != self.cfg.imei:
             raise PortGoneError(port, f"modem on this port is not IMEI {self.cfg.imei}")
+        if await self.modem.cfun() in (0, 4):
+            # Left with its radio off (a run killed in the middle of a CFUN cycle, or by hand):
+            # a modem the daemon owns starts on; the policy turns radios off when it wants to.
+            self._log.warning("modem_radio_was_off", port=port)
+            await self.modem.set_cfun(1)
         self.online = True
         self.last_error = None
         self._log.info("modem_online", port=port, vendor=self.modem.vendor.name)
