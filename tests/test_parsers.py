@@ -353,3 +353,25 @@ def test_quectel_qeng_wcdma_row() -> None:
     (cell,) = parsers.parse_qeng_servingcell(reply)
     assert (cell.state, cell.rat, cell.lac, cell.cell_id) == ("LIMSRV", "umts", 0xA2C1, 0x1E9B53)
     assert (cell.earfcn, cell.pci, cell.rscp_dbm) == (10713, 318, -78)
+
+
+@pytest.mark.parametrize(
+    ("reply", "session"),
+    [
+        ("+CCHO: 1", "1"),
+        ("+CCHO:2", "2"),
+        ("1", "1"),  # Fibocom FM350-GL: the bare id on a line of its own
+        ("+CCHO: 00000000038aa32f", "00000000038aa32f"),  # Sierra: a long hex token
+        ('+CCHO: "7"', "7"),
+    ],
+)
+def test_ccho_session_id_is_an_opaque_token(reply: str, session: str) -> None:
+    assert parsers.parse_ccho(reply) == session
+
+
+def test_cgla_reply_length_counts_hex_characters() -> None:
+    assert parsers.parse_cgla('+CGLA:4,"611a"') == (4, "611A")
+    with pytest.raises(ParseError):
+        parsers.parse_cgla("+CGLA: 4, 611A")
+    with pytest.raises(ParseError):
+        parsers.parse_ccho("+CCHO: session one")

@@ -34,6 +34,8 @@ PARSERS: list[Callable[[str], object]] = [
     parsers.parse_cgpaddr,
     parsers.parse_cgcontrdp,
     parsers.parse_csim,
+    parsers.parse_cgla,
+    parsers.parse_ccho,
     parsers.csim_pin_retries,
     parsers.parse_crsm,
     parsers.parse_cind_test,

@@ -947,20 +947,42 @@ def parse_cgcontrdp(text: str) -> list[ContextParams]:
 # --------------------------------------------------------------------------- SIM access
 
 
-def parse_csim(text: str) -> tuple[int, str]:
-    """`+CSIM: <length>,"<hex>"` → (length, upper-case hex); missing length or quotes raise."""
-    payload = _payload(text, ("+CSIM",))
+def parse_apdu_response(text: str, prefix: str) -> tuple[int, str]:
+    """`<prefix>: <length>,"<hex>"` (+CSIM, +CGLA) → (length, upper-case hex incl. SW1 SW2).
+
+    Missing length or quotes raise: a reply without them cannot be told from garbage.
+    """
+    payload = _payload(text, (prefix,))
     raw = _split_raw(payload)
     if len(raw) < 2:
-        raise ParseError("+CSIM reply without a length", text)
+        raise ParseError(f"{prefix} reply without a length", text)
     length = _int(raw[0], "length")
     data = raw[1].strip()
     if not (len(data) >= 2 and data.startswith('"') and data.endswith('"')):
-        raise ParseError("+CSIM data is not quoted", text)
+        raise ParseError(f"{prefix} data is not quoted", text)
     hex_ = data[1:-1].strip().upper()
     if not re.fullmatch(r"(?:[0-9A-F]{2})+", hex_):
-        raise ParseError("+CSIM data is not hex", text)
+        raise ParseError(f"{prefix} data is not hex", text)
     return length, hex_
+
+
+def parse_csim(text: str) -> tuple[int, str]:
+    """`+CSIM: <length>,"<hex>"` → (length, upper-case hex)."""
+    return parse_apdu_response(text, "+CSIM")
+
+
+def parse_cgla(text: str) -> tuple[int, str]:
+    """`+CGLA: <length>,"<hex>"` → (length, upper-case hex); the length counts hex characters."""
+    return parse_apdu_response(text, "+CGLA")
+
+
+def parse_ccho(text: str) -> str:
+    """The session id of `+CCHO: <id>`, or of a bare id line (Fibocom); an opaque token."""
+    payload = _payload(text, ("+CCHO",))
+    token = payload.strip().strip('"').strip()
+    if not re.fullmatch(r"[0-9A-Fa-f]{1,32}", token):
+        raise ParseError("+CCHO session id is not a number or hex token", text)
+    return token
 
 
 def csim_pin_retries(hex_: str) -> int:

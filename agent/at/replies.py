@@ -161,6 +161,15 @@ def _csim(response: str) -> Result:
     return out
 
 
+def _cgla(response: str) -> Result:
+    length, data = p.parse_cgla(response)
+    return {"length": length, "hex": data, "sw": data[-4:] if len(data) >= 4 else None}
+
+
+def _ccho(response: str) -> Result:
+    return {"session_id": p.parse_ccho(response)}
+
+
 def _crsm(response: str) -> Result:
     sw1, sw2, data = p.parse_crsm(response)
     return {"sw1": sw1, "sw2": sw2, "hex": data}
@@ -309,6 +318,9 @@ _HANDLERS: dict[tuple[str, str | None], _Handler] = {
     ("+CPIN", None): _cpin,
     ("+CFUN", None): _cfun,
     ("+CSIM", None): _csim,
+    ("+CGLA", None): _cgla,
+    ("+CCHO", None): _ccho,
+    ("+CCHC", None): lambda _r: {},
     ("+CRSM", None): _crsm,
     ("+CGDCONT", "=?"): _cgdcont_test,
     ("+CGDCONT", "?"): _cgdcont_read,
@@ -321,6 +333,7 @@ _HANDLERS: dict[tuple[str, str | None], _Handler] = {
     ("+CCID", None): _iccid,
     ("+ICCID", None): _iccid,
     ("^ICCID", None): _iccid,
+    ("!ICCID", None): _iccid,
     ("+QCCID", None): _iccid,
     ("+CICCID", None): _iccid,
     ("^SCID", None): _iccid,
