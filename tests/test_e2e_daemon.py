@@ -76,8 +76,19 @@ def enabled_on(profiles: dict[str, Any]) -> list[str]:
     return [p["iccid"] for p in profiles["profiles"] if p["state"] == "enabled"]
 
 
-async def test_scenario_failover_emergency_failback(make_stack: StackFactory) -> None:
-    stack = await make_stack()
+async def test_scenario_failover_emergency_failback(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    # A transition hook: an executable (no shell) that gets each finished transition on stdin.
+    hook_out = tmp_path / "hook.jsonl"
+    hook = tmp_path / "on-transition"
+    hook.write_text(f"#!/bin/sh\ncat >> {hook_out}\necho >> {hook_out}\n")
+    hook.chmod(0o755)
+
+    def with_hook(cfg: dict[str, Any]) -> None:
+        cfg["hooks"] = {"on_transition": [str(hook)]}
+
+    stack = await make_stack(tune=with_hook)
 
     mark = stack.mark()
     await stack.control("link", modem="m0", state="down")
@@ -124,6 +135,15 @@ async def test_scenario_failover_emergency_failback(make_stack: StackFactory) ->
         assert stamps == sorted(stamps)
     kinds = [t["kind"] for t in stack.transitions()]
     assert kinds == ["initial", "failover", "emergency", "failback"]
+
+    async def hooks_ran() -> bool:
+        text = await asyncio.to_thread(hook_out.read_text) if hook_out.exists() else ""
+        return len([line for line in text.splitlines() if line.strip()]) == len(kinds)
+
+    await until(hooks_ran)
+    hooked = [json.loads(line) for line in hook_out.read_text().splitlines() if line.strip()]
+    assert [h["kind"] for h in hooked] == kinds
+    assert all(h["outcome"] == "switched" for h in hooked)
 
     # The CLI reads the same story through the control socket.
     out = await asyncio.to_thread(run_cli, "status", "--json", "--socket", stack.socket)
