@@ -501,3 +501,26 @@ async def test_usage_is_accounted_per_profile_with_quota_alerts(make_stack: Stac
         if t == f"{stack.topic}/events" and json.loads(p).get("type") == "quota_alert"
     ]
     assert sorted(fired) == [50, 75, 90]
+
+
+async def test_drill_and_switch_from_the_cli(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    drill = await asyncio.to_thread(run_cli, "drill", "--socket", stack.socket, "--json")
+    assert drill.returncode == 0, drill.stderr
+    record = json.loads(drill.stdout)["transition"]
+    assert (record["kind"], record["to_layer"], record["outcome"]) == (
+        "drill",
+        "failover",
+        "switched",
+    )
+    pinned = await asyncio.to_thread(run_cli, "switch", "primary", "--socket", stack.socket)
+    assert pinned.returncode == 0, pinned.stderr
+    assert "-> primary: switched" in pinned.stdout
+    status = await asyncio.to_thread(run_cli, "status", "--socket", stack.socket)
+    assert "active layer: primary" in status.stdout
+    unknown = await asyncio.to_thread(run_cli, "switch", "nowhere", "--socket", stack.socket)
+    assert unknown.returncode == 1
+    assert "unknown_layer" in unknown.stderr
+    nobody = await asyncio.to_thread(run_cli, "status", "--socket", "/nonexistent/esim.sock")
+    assert nobody.returncode == 3
+    assert len(nobody.stderr.strip().splitlines()) == 1

@@ -80,8 +80,15 @@ class Daemon:
     """Everything `esim-agent run` does; one instance per process, restartable on SIGHUP."""
 
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
-        self.cfg = cfg
         self.config_path = config_path
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._started_at = time.time()
+        self._configure(cfg)
+
+    def _configure(self, cfg: Config) -> None:
+        """Fresh per-config state (at start and on each accepted SIGHUP)."""
+        self.cfg = cfg
         self.state_dir = Path(cfg.state_dir)
         self.sessions: dict[str, ModemSession] = {}
         self.monitors: dict[str, LayerMonitor] = {}
@@ -98,9 +105,6 @@ class Daemon:
         self._processed: dict[int, asyncio.Future[list[Action]]] = {}
         self._published: dict[str, Any] = {}
         self.usage: UsageTracker | None = None
-        self._stop = asyncio.Event()
-        self._reload = asyncio.Event()
-        self._started_at = time.time()
 
     # ---- running -------------------------------------------------------------------------
 
@@ -239,7 +243,7 @@ class Daemon:
             return
         log.info("config_reloading", file=self.config_path)
         await self._shutdown()
-        self.__init__(new, self.config_path)  # type: ignore[misc]
+        self._configure(new)
         await self._start()
 
     def _alive(self) -> bool:
