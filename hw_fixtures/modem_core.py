@@ -670,7 +670,7 @@ class ModemCore:
             lines=[
                 f'+QENG: "servingcell","NOCONN","LTE","FDD",{mcc},{mnc},'
                 f"{self.network.cell_id:X},311,1300,3,5,5,{self.network.tac:X},"
-                f"{s.rsrp_dbm},{s.rsrq_db},{s.rssi_dbm},{s.sinr_db},-,-,48"
+                f"{_q(s.rsrp_dbm)},{_q(s.rsrq_db)},{_q(s.rssi_dbm)},{_q(s.sinr_db)},-,-,48"
             ]
         )
 
@@ -1199,3 +1199,8 @@ class ModemCore:
             "commands": self.commands_seen,
             "history": list(self.history)[-20:],
         }
+
+
+def _q(value: float | None) -> str:
+    """A Quectel numeric field: `-` where the modem does not know the value."""
+    return "-" if value is None else str(value)
