@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -524,3 +525,50 @@ async def test_drill_and_switch_from_the_cli(make_stack: StackFactory) -> None:
     nobody = await asyncio.to_thread(run_cli, "status", "--socket", "/nonexistent/esim.sock")
     assert nobody.returncode == 3
     assert len(nobody.stderr.strip().splitlines()) == 1
+
+
+async def test_a_shared_pool_counts_what_sibling_devices_report(make_stack: StackFactory) -> None:
+    from agent.usage.store import period_of
+
+    def team_pool(cfg: dict[str, Any]) -> None:
+        cfg.setdefault("usage", {})["pools"] = [
+            {"name": "team", "members": [PRIMARY], "quota_bytes": 10_000, "devices": ["phone"]}
+        ]
+
+    stack = await make_stack(tune=team_pool)
+    assert stack.address is not None
+    mark = stack.mark()
+    # The phone, a sibling device, publishes its share of the team's pool (retained).
+    async with aiomqtt.Client(
+        stack.address.host, stack.address.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as phone:
+        await phone.publish(
+            "esim-agent/phone/usage/pool/team",
+            json.dumps({"period": period_of(time.time()), "local_bytes": 9_500}).encode(),
+            qos=1,
+            retain=True,
+        )
+        # A device the pool does not list is not counted.
+        await phone.publish(
+            "esim-agent/stranger/usage/pool/team",
+            json.dumps({"period": period_of(time.time()), "local_bytes": 1}).encode(),
+            qos=1,
+            retain=True,
+        )
+    for threshold in (50, 75, 90):
+        alert = await stack.wait_json(
+            "events",
+            lambda e, t=threshold: (
+                e.get("type") == "quota_alert"
+                and e["data"]["subject"] == "pool:team"
+                and e["data"]["threshold"] == t
+            ),
+            STEP_S,
+            mark,
+        )
+        assert alert["data"]["quota_bytes"] == 10_000
+    ours = await stack.wait_json(
+        "usage/pool/team", lambda p: p["remote_bytes"].get("phone") == 9_500, STEP_S, mark
+    )
+    assert "stranger" not in ours["remote_bytes"]
+    assert ours["total_bytes"] == ours["local_bytes"] + 9_500

@@ -191,6 +191,12 @@ class Daemon:
         )
         if cfg.mqtt.enabled:
             self.bridge = MqttBridge(self._mqtt_settings(), cfg.device_id, self._mqtt_command)
+            for pool in cfg.usage.pools:
+                if pool.devices:
+                    # Siblings publish their share of the pool; ours goes out after each poll.
+                    self.bridge.watch(
+                        f"{cfg.mqtt.base_topic}/+/usage/pool/{pool.name}", self._on_sibling_pool
+                    )
             self.supervisor.start("mqtt", self.bridge.run)
             self._publish_layers()
             self._publish_device()
@@ -292,6 +298,40 @@ class Daemon:
         if iccid is not None and session.counters is not None:
             name = redact_value(iccid) if self.cfg.mqtt.redact else iccid
             self._publish(f"usage/{name}", self.usage.snapshot(iccid))
+            self._publish_pools(iccid)
+
+    def _publish_pools(self, iccid: str | None = None) -> None:
+        """Our share of each shared pool (that iccid belongs to), for the other devices."""
+        if self.usage is None:
+            return
+        for pool in self.cfg.usage.pools:
+            if iccid is None or iccid in pool.members:
+                try:
+                    self._publish(f"usage/pool/{pool.name}", self.usage.pool_snapshot(pool.name))
+                except (KeyError, ValueError) as exc:
+                    log.warning("usage_pool_publish_failed", pool=pool.name, error=str(exc))
+
+    def _on_sibling_pool(self, topic: str, payload: bytes) -> None:
+        """Another device's retained share of a pool we are in."""
+        rest = topic.removeprefix(f"{self.cfg.mqtt.base_topic}/").split("/")
+        if len(rest) != 4 or rest[0] == self.cfg.device_id or self.usage is None:
+            return
+        device, pool = rest[0], rest[3]
+        try:
+            data = msgspec.json.decode(payload, type=dict[str, Any]) if payload else {}
+            used = int(data["local_bytes"])
+            period = str(data["period"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            log.warning("usage_sibling_payload_invalid", device=device, pool=pool)
+            return
+        if period != self.usage.current_period():
+            return  # last month's share says nothing about this month's quota
+        self._spawn(f"pool-{pool}-{device}", self._apply_sibling_usage(pool, device, used))
+
+    async def _apply_sibling_usage(self, pool: str, device: str, used: int) -> None:
+        if self.usage is not None:
+            await self.usage.remote_usage(pool, device, used)
+            self._publish_pools()
 
     def _on_quota_alert(self, alert: QuotaAlert) -> None:
         data = msgspec.to_builtins(alert)

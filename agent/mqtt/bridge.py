@@ -98,6 +98,7 @@ class MqttBridge:
         )
         # Latest retained payload per topic: the whole truth we re-publish after every reconnect.
         self._snapshot: dict[str, bytes] = {}
+        self._watches: dict[str, Callable[[str, bytes], None]] = {}
         self._dirty: dict[str, None] = {}
         self._outbox: deque[_Outgoing] = deque(maxlen=settings.event_queue_size)
         self._wake = asyncio.Event()
@@ -162,6 +163,11 @@ class MqttBridge:
                     self._set_retained(topic, b"")
         # An empty retained payload is MQTT's way to delete; re-sending it after reconnect is harmless.
         self._set_retained(self.topics.key(key), b"")
+
+    def watch(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> None:
+        """Deliver messages on topic_filter (retained ones too) to callback(topic, payload);
+        subscribed on every (re)connect. For state other devices publish, e.g. shared pools."""
+        self._watches[topic_filter] = callback
 
     def publish_event(self, payload: msgspec.Struct | Mapping[str, Any]) -> None:
         """Queue a non-retained event; when the queue is full the oldest event is dropped."""
@@ -282,6 +288,8 @@ class MqttBridge:
             # Subscribed even when commands are disabled so callers get an answer, not a timeout.
             options = SubscribeOptions(qos=QOS, retainHandling=_RETAIN_HANDLING_NONE)
             await client.subscribe(self.topics.command_filter, options=options, timeout=timeout)
+            for topic_filter in self._watches:
+                await client.subscribe(topic_filter, qos=QOS, timeout=timeout)
             self.connections += 1
             self._dirty = dict.fromkeys(self._snapshot)
             self._idle.clear()
@@ -356,6 +364,7 @@ class MqttBridge:
         async for message in client.messages:
             command = self.topics.command_name(message.topic.value)
             if command is None:
+                self._deliver_watched(message.topic, message.payload)
                 continue
             if message.retain:
                 log.warning("mqtt_command_retained_ignored", command=command[:64])
@@ -376,6 +385,15 @@ class MqttBridge:
             )
             self._command_tasks.add(task)
             task.add_done_callback(self._command_tasks.discard)
+
+    def _deliver_watched(self, topic: aiomqtt.Topic, payload: object) -> None:
+        data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+        for topic_filter, callback in self._watches.items():
+            if topic.matches(topic_filter):
+                try:
+                    callback(topic.value, data)
+                except Exception:
+                    log.exception("mqtt_watch_callback_failed", topic=topic.value)
 
     def _context(self, command: str, message: aiomqtt.Message) -> CommandContext:
         """Where to answer: the request's v5 response topic if usable, else the documented fallback."""
