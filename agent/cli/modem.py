@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from agent.cli.output import error, print_json, print_sections, print_table
 from agent.errors import AgentError, PortGoneError
@@ -11,6 +13,7 @@ from agent.models import ModemInfo, ScanResult
 from agent.modem.driver import open_modem
 
 EXIT_RUNTIME = 1
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,13 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    try:
-        info = asyncio.run(_read_info(args.port, args.vendor))
-    except PortGoneError as exc:
-        error(f"{exc.port}: {exc.reason}")
-        return EXIT_RUNTIME
-    except AgentError as exc:
-        error(f"{args.port}: {exc}")
+    info = _run(args, _read_info(args.port, args.vendor))
+    if info is None:
         return EXIT_RUNTIME
     if args.json:
         print_json(info)
@@ -47,19 +45,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run one port session; a failure is one stderr line naming the port, and None."""
+    try:
+        return asyncio.run(work)
+    except PortGoneError as exc:
+        error(f"{exc.port}: {exc.reason}")
+    except AgentError as exc:
+        error(f"{args.port}: {exc}")
+    return None
+
+
 async def _read_info(port: str, vendor: str) -> ModemInfo:
     async with open_modem(port, vendor=vendor) as modem:
         return await modem.info()
 
 
 def _scan(args: argparse.Namespace) -> int:
-    try:
-        result = asyncio.run(_run_scan(args.port, args.vendor, args.timeout))
-    except PortGoneError as exc:
-        error(f"{exc.port}: {exc.reason}")
-        return EXIT_RUNTIME
-    except AgentError as exc:
-        error(f"{args.port}: {exc}")
+    result = _run(args, _run_scan(args.port, args.vendor, args.timeout))
+    if result is None:
         return EXIT_RUNTIME
     if args.json:
         print_json(result)

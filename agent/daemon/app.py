@@ -488,11 +488,9 @@ class Daemon:
         layer = self._layer(action.layer)
         session = self.sessions[layer.modem]
         monitor = self.monitors[layer.name]
-        same_modem = [self.monitors[x.name] for x in self.cfg.layers if x.modem == layer.modem]
         deadline = time.monotonic() + self.cfg.timers.switch_timeout
         ok, reason, timings = False, "", {}
-        for m in same_modem:
-            m.pause()
+        held = self._hold(layer.modem)
         switched = False
         try:
             if not await session.wait_online(OFFLINE_GRACE_S):
@@ -526,33 +524,40 @@ class Daemon:
         except AgentError as exc:
             reason = str(exc)
         finally:
-            for m in same_modem:
+            for m in held:
                 m.resume(reset=switched)
             self._events.put_nowait(
                 SwitchDone(
                     layer=layer.name, ok=ok, now=time.monotonic(), reason=reason, timings=timings
                 )
             )
-            for x in self.cfg.layers:
-                if x.modem == layer.modem:
-                    self._feed(x.name)
+            self._refeed(layer.modem)
+
+    def _hold(self, modem: str) -> list[LayerMonitor]:
+        """Pause health reports of every layer on a modem (its link is about to change)."""
+        held = [self.monitors[x.name] for x in self.cfg.layers if x.modem == modem]
+        for m in held:
+            m.pause()
+        return held
+
+    def _refeed(self, modem: str) -> None:
+        """Report the layers on a modem to the policy again (their profile may have changed)."""
+        for x in self.cfg.layers:
+            if x.modem == modem:
+                self._feed(x.name)
 
     async def _switch_modem(self, session: ModemSession, iccid: str) -> SwitchReport:
         """A safe switch outside the policy's own activations: health reports on that modem
         are held while it runs, so the policy does not chase the switch's own outage."""
-        same_modem = [self.monitors[x.name] for x in self.cfg.layers if x.modem == session.id]
-        for m in same_modem:
-            m.pause()
+        held = self._hold(session.id)
         try:
             if session.enabled_iccid != iccid:
                 await self._before_switch(session)
             return await session.safe_switch(iccid, self._probe_fn(iccid))
         finally:
-            for m in same_modem:
+            for m in held:
                 m.resume(reset=True)
-            for x in self.cfg.layers:
-                if x.modem == session.id:
-                    self._feed(x.name)
+            self._refeed(session.id)
 
     async def _disable_emergency(self, name: str) -> None:
         layer = self._layer(name)
