@@ -31,10 +31,15 @@ ApduMode = Literal["auto", "ccho", "csim"]
 Role = Literal["primary", "failover", "emergency"]
 ProbeKind = Literal["tcp", "http", "dns"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+PdpType = Literal["ip", "ipv6", "ipv4v6"]
 CommandName = Literal[
     "status", "switch_layer", "profile_enable", "profile_disable", "profile_nickname", "drill"
 ]
 
+# Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace.
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-][A-Za-z0-9_.@+-]{0,14}$")
+# APNs are dot-separated labels (23.003 §9.1) of at most 100 characters in all.
+_APN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,98}[A-Za-z0-9])?$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ICCID_RE = re.compile(r"^[0-9]{18,22}$")
 _AID_RE = re.compile(r"^[0-9A-Fa-f]{10,32}$")
@@ -76,6 +81,9 @@ class ModemConfig(_Section):
     refresh: RefreshMode = "auto"
     apdu: ApduMode = "auto"
     poll_interval: float = 30.0
+    #: The modem's network interface: "auto" (found from udev), "none" (probes use the host's
+    #: default route, as with the loopback emulator), or a name such as "wwan0".
+    interface: str = "auto"
 
 
 class ProbeConfig(_Section):
@@ -97,6 +105,14 @@ class LayerConfig(_Section):
     role: Role = "failover"
     radio_down_when_inactive: bool = False
     probes: list[ProbeConfig] = msgspec.field(default_factory=list)
+    #: The data context's APN; "auto" keeps the modem's current default context (cid 1).
+    apn: str = "auto"
+    apn_user: str | None = None
+    apn_password: str | None = None
+    apn_password_file: str | None = None
+    pdp_type: PdpType = "ip"
+    #: A metered layer gets no default route in the main table until it is the active one.
+    metered: bool = False
 
 
 class HealthConfig(_Section):
@@ -329,6 +345,13 @@ def _validate(cfg: Config, base_dir: Path) -> None:
             _check(bool(re.fullmatch(r"[0-9]{14,16}", m.imei)), f"{key}.imei", "must be 15 digits")
         _check(bool(_AID_RE.match(m.isdr_aid)), f"{key}.isdr_aid", "must be 5-16 bytes of hex")
         _check(m.poll_interval > 0, f"{key}.poll_interval", "must be > 0")
+        _check(
+            m.interface in ("auto", "none")
+            or (bool(_IFNAME_RE.match(m.interface)) and m.interface not in (".", "..")),
+            f"{key}.interface",
+            "must be 'auto', 'none' or a network interface name of at most 15 characters "
+            "without '/', ':' or spaces, e.g. 'wwan0'",
+        )
 
     _check(len(cfg.layers) > 0 or not cfg.modems, "layers", "define at least one layer")
     names: set[str] = set()
@@ -344,6 +367,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
             f"{key}.profile",
             "must be an ICCID of 18-22 digits",
         )
+        _validate_apn(layer, key, base_dir)
         primaries += layer.role == "primary"
         emergencies += layer.role == "emergency"
         if layer.role == "primary":
@@ -455,6 +479,41 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         _check(os.path.isabs(cfg.control.socket), "control.socket", "must be an absolute path")
 
 
+def _validate_apn(layer: LayerConfig, key: str, base_dir: Path) -> None:
+    """The data-context keys of one layer: APN syntax, credentials that go together."""
+    _check(
+        layer.apn == "auto" or bool(_APN_RE.match(layer.apn)),
+        f"{key}.apn",
+        "must be 'auto' or an APN such as 'internet' or 'iot.example.mnc001.mcc234.gprs' "
+        "(letters, digits, '.', '-'; at most 100 characters)",
+    )
+    _check(
+        not (layer.apn_password and layer.apn_password_file),
+        f"{key}.apn_password_file",
+        "give either apn_password or apn_password_file, not both",
+    )
+    has_password = bool(layer.apn_password or layer.apn_password_file)
+    _check(
+        not has_password or bool(layer.apn_user),
+        f"{key}.apn_user",
+        "an APN password needs apn_user as well",
+    )
+    _check(
+        not (layer.apn == "auto" and (layer.apn_user or has_password)),
+        f"{key}.apn",
+        "APN credentials need an explicit apn (with 'auto' the modem's own context is used)",
+    )
+    for f in ("apn_user", "apn_password"):
+        value = getattr(layer, f)
+        _check(
+            value is None or ('"' not in value and all(c.isprintable() for c in value)),
+            f"{key}.{f}",
+            "must be printable and must not contain '\"' (it is sent inside an AT command)",
+        )
+    if layer.apn_password_file:
+        _check_readable(layer.apn_password_file, base_dir, f"{key}.apn_password_file")
+
+
 def _size(value: int | str, key: str) -> int:
     try:
         return parse_size(value)
@@ -553,6 +612,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         mqtt["password"] = "***"
     if mqtt["commands"].get("token"):
         mqtt["commands"]["token"] = "***"
+    for layer in data["layers"]:
+        if layer.get("apn_password"):
+            layer["apn_password"] = "***"
     return data
 
 
