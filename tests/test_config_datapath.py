@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import config_to_dict, load_config, read_secret
+from agent.config import Config, config_to_dict, load_config, read_secret
 from agent.errors import ConfigError
 
 BASE = """
@@ -28,7 +28,7 @@ role = "primary"
 """
 
 
-def load(tmp_path: Path, modem: str = "", layer: str = "") -> object:
+def load(tmp_path: Path, modem: str = "", layer: str = "") -> Config:
     path = tmp_path / "agent.toml"
     path.write_text(textwrap.dedent(BASE).format(modem=modem, layer=layer))
     return load_config(path)
@@ -42,10 +42,11 @@ def error(tmp_path: Path, modem: str = "", layer: str = "") -> ConfigError:
 
 def test_defaults_keep_todays_behaviour(tmp_path: Path) -> None:
     cfg = load(tmp_path)
-    assert cfg.modems[0].interface == "auto"  # type: ignore[attr-defined]
-    layer = cfg.layers[0]  # type: ignore[attr-defined]
+    assert cfg.modems[0].interface == "auto"
+    layer = cfg.layers[0]
     assert (layer.apn, layer.pdp_type, layer.metered) == ("auto", "ip", False)
-    assert layer.apn_user is None and layer.apn_password is None
+    assert layer.apn_user is None
+    assert layer.apn_password is None
 
 
 def test_full_data_path_keys_load(tmp_path: Path) -> None:
@@ -59,15 +60,16 @@ def test_full_data_path_keys_load(tmp_path: Path) -> None:
             f'apn_password_file = "{secret}"\npdp_type = "ipv4v6"\nmetered = true'
         ),
     )
-    layer = cfg.layers[0]  # type: ignore[attr-defined]
-    assert cfg.modems[0].interface == "wwan0"  # type: ignore[attr-defined]
+    layer = cfg.layers[0]
+    assert cfg.modems[0].interface == "wwan0"
     assert layer.apn == "iot.example.mnc001.mcc234.gprs"
-    assert layer.metered is True and layer.pdp_type == "ipv4v6"
+    assert layer.metered is True
+    assert layer.pdp_type == "ipv4v6"
     assert read_secret(layer.apn_password, layer.apn_password_file) == "s3cret"
 
 
 def test_interface_none_is_accepted(tmp_path: Path) -> None:
-    assert load(tmp_path, modem='interface = "none"').modems[0].interface == "none"  # type: ignore[attr-defined]
+    assert load(tmp_path, modem='interface = "none"').modems[0].interface == "none"
 
 
 @pytest.mark.parametrize(
@@ -112,7 +114,7 @@ def test_bad_data_keys_name_file_key_and_reason(
 
 def test_config_show_hides_the_apn_password(tmp_path: Path) -> None:
     cfg = load(tmp_path, layer='apn = "internet"\napn_user = "u"\napn_password = "topsecret"')
-    shown = config_to_dict(cfg)  # type: ignore[arg-type]
+    shown = config_to_dict(cfg)
     assert shown["layers"][0]["apn_password"] == "***"
     assert "topsecret" not in repr(shown)
 
