@@ -1,0 +1,1 @@
+"""The data path on the host: addresses, routes and rules over netlink."""

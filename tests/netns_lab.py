@@ -1,0 +1,194 @@
+"""A small network lab in namespaces the test creates: one agent, N operators, veth between.
+
+    agent ns (esa-ag-<sfx>)           operator i ns (esa-op<i>-<sfx>)
+    m<i> 198.18.<i+1>.2/24  <--veth-->  u<i> 198.18.<i+1>.1/24   (the "gateway")
+                                        lo   198.19.0.1/32        ("the Internet": same address
+                                                                   in every operator)
+Each operator runs a TCP server (port 8080), an HTTP 204 server (port 80) and a DNS server
+(UDP 53) on 198.19.0.1 that record the source address of every request, so a test can see
+which link a packet took. The agent namespace has no route to 198.19.0.1 of its own: only the
+routes under test lead there. Everything is removed on exit, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+INTERNET = "198.19.0.1"
+TCP_PORT = 8080
+HTTP_PORT = 80
+DNS_PORT = 53
+
+
+def needs_root() -> pytest.MarkDecorator:
+    """Skip marker for tests that create namespaces (root only; CI runs as root)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+@dataclass
+class Operator:
+    """One operator namespace and what its servers saw (source addresses, per service)."""
+
+    ns: str
+    gateway: str
+    seen: dict[str, list[str]] = field(default_factory=lambda: {"tcp": [], "http": [], "dns": []})
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, kind: str, source: str) -> None:
+        """A server saw a request from `source`."""
+        self.seen[kind].append(source)
+        self._changed.set()
+
+    async def wait_seen(self, kind: str, count: int, timeout: float = 5.0) -> list[str]:
+        """The sources seen by `kind`, once there are at least `count` of them."""
+        async with asyncio.timeout(timeout):
+            while len(self.seen[kind]) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.seen[kind]
+
+
+@dataclass
+class Lab:
+    """The namespaces and addresses of one test."""
+
+    agent: str
+    operators: list[Operator]
+
+    def ifname(self, i: int) -> str:
+        """The agent-side interface of operator i (the 'modem' interface)."""
+        return f"m{i}"
+
+    def address(self, i: int) -> str:
+        """The agent's address on m<i>."""
+        return f"198.18.{i + 1}.2"
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run this thread in namespace `name` for the block (sockets made inside stay there)."""
+    netns.pushns(name)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+def _link_up(ipr: IPRoute, ifname: str) -> int:
+    idx = int(ipr.link_lookup(ifname=ifname)[0])
+    ipr.link("set", index=idx, state="up")
+    return idx
+
+
+@contextlib.contextmanager
+def make_lab(n: int) -> Iterator[Lab]:
+    """Create the namespaces and veths; yield the Lab; remove all of it whatever happens."""
+    sfx = secrets.token_hex(3)
+    agent = f"esa-ag-{sfx}"
+    created: list[str] = []
+    try:
+        netns.create(agent)
+        created.append(agent)
+        ops: list[Operator] = []
+        for i in range(n):
+            op = f"esa-op{i}-{sfx}"
+            netns.create(op)
+            created.append(op)
+            ops.append(Operator(ns=op, gateway=f"198.18.{i + 1}.1"))
+        with IPRoute(netns=agent) as ipr:
+            _link_up(ipr, "lo")
+            for i, op in enumerate(ops):
+                ipr.link(
+                    "add", ifname=f"m{i}", kind="veth", peer={"ifname": f"u{i}", "net_ns_fd": op.ns}
+                )
+                _link_up(ipr, f"m{i}")
+        for i, op in enumerate(ops):
+            with IPRoute(netns=op.ns) as ipr:
+                lo = _link_up(ipr, "lo")
+                ipr.addr("add", index=lo, address=INTERNET, prefixlen=32)
+                u = _link_up(ipr, f"u{i}")
+                ipr.addr("add", index=u, address=op.gateway, prefixlen=24)
+        yield Lab(agent=agent, operators=ops)
+    finally:
+        for name in reversed(created):
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+
+
+def add_agent_address(lab: Lab, i: int) -> None:
+    """Put 198.18.<i+1>.2/24 on m<i> in the agent namespace (what the modem's DHCP would do)."""
+    with IPRoute(netns=lab.agent) as ipr:
+        idx = int(ipr.link_lookup(ifname=lab.ifname(i))[0])
+        ipr.addr("add", index=idx, address=lab.address(i), prefixlen=24)
+
+
+class _Dns(asyncio.DatagramProtocol):
+    def __init__(self, op: Operator) -> None:
+        self.op = op
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.op.record("dns", addr[0])
+        # Echo the question and answer it with one A record 198.19.0.1.
+        qid = data[:2]
+        question = data[12:]
+        header = qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0)
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(INTERNET)
+        assert self.transport is not None
+        self.transport.sendto(header + question + answer, addr)
+
+
+@contextlib.asynccontextmanager
+async def operator_servers(lab: Lab) -> AsyncIterator[None]:
+    """Start each operator's TCP, HTTP and DNS servers; stop them on exit."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+    transports: list[asyncio.BaseTransport] = []
+
+    for op in lab.operators:
+
+        async def tcp(r: asyncio.StreamReader, w: asyncio.StreamWriter, op: Operator = op) -> None:
+            op.record("tcp", w.get_extra_info("peername")[0])
+            w.close()
+
+        async def http(r: asyncio.StreamReader, w: asyncio.StreamWriter, op: Operator = op) -> None:
+            op.record("http", w.get_extra_info("peername")[0])
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                await w.drain()
+            w.close()
+
+        with in_netns(op.ns):
+            socks = []
+            for port in (TCP_PORT, HTTP_PORT):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((INTERNET, port))
+                socks.append(s)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind((INTERNET, DNS_PORT))
+        servers.append(await asyncio.start_server(tcp, sock=socks[0]))
+        servers.append(await asyncio.start_server(http, sock=socks[1]))
+        transport, _ = await loop.create_datagram_endpoint(lambda op=op: _Dns(op), sock=udp)
+        transports.append(transport)
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.close()
+        for transport in transports:
+            transport.close()
