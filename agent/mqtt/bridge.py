@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.backoff import backoff_delay
 from agent.mqtt import discovery
 from agent.mqtt.commands import CommandContext, CommandHandler, CommandPolicy, execute
 from agent.mqtt.payloads import COMMANDS, CommandResponse, ErrorBody, encode
@@ -58,14 +58,6 @@ class MqttSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     event_queue_size: int = 1000
-
-
-def backoff_delay(
-    attempt: int, initial: float, maximum: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Capped exponential backoff with jitter in [50 %, 100 %] of the step, for attempt >= 0."""
-    step = min(maximum, initial * (2.0 ** min(attempt, 32)))
-    return step * (0.5 + rand() / 2)
 
 
 @dataclass(frozen=True, slots=True)
