@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import secrets
+import socket
 import ssl
 import struct
 import time
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -19,6 +22,8 @@ from agent.errors import AgentError, ParseError
 log = structlog.get_logger(__name__)
 
 DEFAULT_DNS_PORT = 53
+#: A DNS probe target server that means "the DNS servers the layer's data connection gave".
+LINK_DNS = "link"
 HTTP_STATUS_LINE_LIMIT = 1024
 DNS_MAX_REPLY = 4096
 DNS_TYPE_A = 1
@@ -60,6 +65,100 @@ class Probe(Protocol):
     async def run(self) -> ProbeResult:
         """Check once; network failures and timeouts come back as `ok=False`."""
         ...
+
+
+@dataclass(slots=True)
+class LinkBinding:
+    """Where a layer's probes leave: its interface, fwmark, source address and DNS servers.
+
+    One mutable object per layer, shared by its probes and updated by the data path as the
+    link comes and goes. `interface=None` means unbound: probes use the host's routes, as they
+    do with the loopback emulator or `interface = "none"`.
+    """
+
+    interface: str | None = None
+    fwmark: int | None = None
+    source: str | None = None
+    dns: tuple[str, ...] = ()
+
+    @property
+    def bound(self) -> bool:
+        """Whether probes should be tied to the link."""
+        return self.interface is not None
+
+
+def _bound_socket(family: int, kind: int, link: LinkBinding) -> socket.socket:
+    """A non-blocking socket tied to `link`: SO_BINDTODEVICE, SO_MARK, source address.
+
+    SO_BINDTODEVICE makes the kernel send only through the interface (never Wi-Fi, never the
+    other modem) even when the main table points elsewhere; the mark selects the layer's own
+    table so the packet finds a route there.
+    """
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if link.interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, link.interface.encode())
+        if link.fwmark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, link.fwmark)
+        if link.source is not None and _family_of(link.source) == family:
+            sock.bind((link.source, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _family_of(host: str) -> int | None:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+async def _resolve_on_link(host: str, link: LinkBinding, timeout: float) -> str:
+    """An address for `host`: literal as is, else an A query to the link's own DNS servers.
+
+    Without servers from the data connection the system resolver answers (it may use another
+    link; the connection itself still goes through this one).
+    """
+    if _family_of(host) is not None:
+        return host
+    for server in link.dns:
+        with contextlib.suppress(OSError, TimeoutError, ParseError):
+            addresses = await _query_a(server, DEFAULT_DNS_PORT, host, link, timeout)
+            if addresses:
+                return addresses[0]
+    if link.dns:
+        raise OSError(f"cannot resolve {host} through the link's DNS servers")
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return str(infos[0][4][0])
+
+
+async def _open_stream(
+    host: str,
+    port: int,
+    link: LinkBinding | None,
+    timeout: float,
+    *,
+    tls: bool = False,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio.open_connection, but through `link` when it is bound; call under a timeout."""
+    ssl_ctx = ssl.create_default_context() if tls else None
+    if link is None or not link.bound:
+        return await asyncio.open_connection(host, port, ssl=ssl_ctx, limit=limit)
+    address = await _resolve_on_link(host, link, timeout)
+    family = _family_of(address) or socket.AF_INET
+    sock = _bound_socket(family, socket.SOCK_STREAM, link)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (address, port))
+        return await asyncio.open_connection(
+            sock=sock, ssl=ssl_ctx, server_hostname=host if tls else None, limit=limit
+        )
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _failure(error: str, at: float) -> ProbeResult:
@@ -116,10 +215,13 @@ class TcpProbe:
 
     kind = "tcp"
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, link: LinkBinding | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.link = link
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def run(self) -> ProbeResult:
@@ -128,7 +230,7 @@ class TcpProbe:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                _, writer = await asyncio.open_connection(self.host, self.port)
+                _, writer = await _open_stream(self.host, self.port, self.link, self.timeout)
         except TimeoutError:
             return _failure("timeout", at)
         except OSError as exc:
@@ -179,8 +281,15 @@ class HttpProbe:
 
     kind = "http"
 
-    def __init__(self, url: str, timeout: float, expect_status: int = 204) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        expect_status: int = 204,
+        link: LinkBinding | None = None,
+    ) -> None:
         parts = urlsplit(url)
+        self.link = link
         if parts.scheme not in ("http", "https"):
             raise ProbeSpecError("url scheme must be http or https", url)
         if not parts.hostname:
@@ -205,10 +314,12 @@ class HttpProbe:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(
+                reader, writer = await _open_stream(
                     self.host,
                     self.port,
-                    ssl=ssl.create_default_context() if self.tls else None,
+                    self.link,
+                    self.timeout,
+                    tls=self.tls,
                     limit=HTTP_STATUS_LINE_LIMIT,
                 )
                 writer.write(self.request)
@@ -365,41 +476,90 @@ class _OneDatagram(asyncio.DatagramProtocol):
             self.reply.set_exception(exc or ConnectionResetError("socket closed"))
 
 
+async def _exchange(server: str, port: int, query: bytes, link: LinkBinding | None) -> bytes:
+    """Send one UDP datagram to server:port (through `link` when bound); the first reply."""
+    loop = asyncio.get_running_loop()
+    transport: asyncio.DatagramTransport | None = None
+    try:
+        if link is None or not link.bound:
+            transport, protocol = await loop.create_datagram_endpoint(
+                _OneDatagram, remote_addr=(server, port)
+            )
+        else:
+            sock = _bound_socket(_family_of(server) or socket.AF_INET, socket.SOCK_DGRAM, link)
+            try:
+                sock.connect((server, port))
+            except BaseException:
+                sock.close()
+                raise
+            transport, protocol = await loop.create_datagram_endpoint(_OneDatagram, sock=sock)
+        transport.sendto(query)
+        return await protocol.reply
+    finally:
+        if transport is not None:
+            transport.close()
+
+
+async def _query_a(
+    server: str, port: int, qname: str, link: LinkBinding | None, timeout: float
+) -> list[str]:
+    """The A records server gives for qname; OSError/TimeoutError/ParseError otherwise."""
+    query_id = secrets.randbelow(0x10000)
+    async with asyncio.timeout(timeout):
+        data = await _exchange(server, port, build_dns_query(qname, query_id), link)
+    reply = parse_dns_reply(data)
+    if reply.id != query_id or reply.rcode != 0:
+        raise ParseError("no usable answer", data)
+    return reply.addresses
+
+
 class DnsProbe:
-    """Succeeds when server answers an A query for qname with NOERROR and at least one record."""
+    """Succeeds when server answers an A query for qname with NOERROR and at least one record.
+
+    server_host `link` (LINK_DNS) means the DNS servers the layer's data connection gave.
+    """
 
     kind = "dns"
 
-    def __init__(self, server_host: str, server_port: int, qname: str, timeout: float) -> None:
+    def __init__(
+        self,
+        server_host: str,
+        server_port: int,
+        qname: str,
+        timeout: float,
+        link: LinkBinding | None = None,
+    ) -> None:
         encode_qname(qname)
         self.server_host = server_host
         self.server_port = server_port
         self.qname = qname
         self.timeout = timeout
+        self.link = link
         server = f"[{server_host}]" if ":" in server_host else server_host
         self.target = f"{qname}@{server}:{server_port}"
+
+    def _server(self) -> str | None:
+        if self.server_host != LINK_DNS:
+            return self.server_host
+        return self.link.dns[0] if self.link is not None and self.link.dns else None
 
     async def run(self) -> ProbeResult:
         """Send one query over UDP with a fresh random id and judge the first reply."""
         at = time.time()
+        server = self._server()
+        if server is None:
+            return _failure("no DNS server from the data connection", at)
         query_id = secrets.randbelow(0x10000)
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        transport: asyncio.DatagramTransport | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                transport, protocol = await loop.create_datagram_endpoint(
-                    _OneDatagram, remote_addr=(self.server_host, self.server_port)
+                data = await _exchange(
+                    server, self.server_port, build_dns_query(self.qname, query_id), self.link
                 )
-                transport.sendto(build_dns_query(self.qname, query_id))
-                data = await protocol.reply
         except TimeoutError:
             return _failure("timeout", at)
         except OSError as exc:
             return _failure(_describe_os_error(exc), at)
-        finally:
-            if transport is not None:
-                transport.close()
         latency = (time.perf_counter() - start) * 1000.0
         problem = judge_dns_reply(data, query_id)
         if problem is not None:
@@ -410,18 +570,22 @@ class DnsProbe:
 # --- specs ---------------------------------------------------------------------------------------
 
 
-def probe_from_spec(kind: str, target: str, timeout: float) -> Probe:
+def probe_from_spec(
+    kind: str, target: str, timeout: float, link: LinkBinding | None = None
+) -> Probe:
     """Build a probe from config: tcp `host:port`, http(s) URL, dns `server:port/qname` or
-    `qname@server:port` (port defaults to 53)."""
+    `qname@server:port` (port defaults to 53; server `link`: the layer's own DNS servers).
+
+    With a `link` the probe leaves through that layer's interface (see LinkBinding)."""
     if timeout <= 0:
         raise ProbeSpecError("timeout must be positive", f"{kind} {target}")
     kind = kind.strip().lower()
     target = target.strip()
     if kind == "tcp":
         host, port = split_host_port(target)
-        return TcpProbe(host, port, timeout)
+        return TcpProbe(host, port, timeout, link)
     if kind in ("http", "https"):
-        return HttpProbe(target, timeout)
+        return HttpProbe(target, timeout, link=link)
     if kind == "dns":
         if "@" in target:
             qname, _, server = target.partition("@")
@@ -430,5 +594,5 @@ def probe_from_spec(kind: str, target: str, timeout: float) -> Probe:
         else:
             raise ProbeSpecError("dns target needs 'server:port/qname' or 'qname@server'", target)
         host, port = split_host_port(server, DEFAULT_DNS_PORT)
-        return DnsProbe(host, port, qname, timeout)
+        return DnsProbe(host, port, qname, timeout, link)
     raise ProbeSpecError("unknown probe kind (tcp, http, dns)", kind)
