@@ -33,6 +33,7 @@ PARSERS: list[Callable[[str], object]] = [
     parsers.parse_cgact_read,
     parsers.parse_cgpaddr,
     parsers.parse_cgcontrdp,
+    parsers.parse_cgev,
     parsers.parse_csim,
     parsers.parse_cgla,
     parsers.parse_ccho,
@@ -59,7 +60,7 @@ COMMANDS = [
     "AT^SYSINFO", "AT^SYSINFOEX", "AT^SMONI", "AT+CPIN?", "AT+CFUN?", "AT+CSIM", "AT+CRSM",
     "AT+CGDCONT=?", "AT+CGDCONT?", "AT+CGACT?", "AT!SCACT?", "AT+CPMS=?", "AT+CIND=?",
     "AT+CMER=?", "AT+CCID", "AT+CGSN", "AT+CGCONTRDP=1", "AT+QNWINFO", "AT+XLEC?", "AT+QCSQ",
-    "AT+QENG=\"servingcell\"", "AT+CSCS?", "AT+CGPADDR", "AT+UNKNOWN", "", "URC",
+    "AT+QENG=\"servingcell\"", "AT+CSCS?", "AT+CGPADDR", "URC +CGEV", "AT+UNKNOWN", "", "URC",
 ]  # fmt: skip
 
 # Text made of the characters AT replies are built from, so examples reach past the first check.
@@ -70,7 +71,9 @@ ANY_TEXT = st.one_of(
     AT_TEXT,
     st.builds(
         lambda p, t: p + t,
-        st.sampled_from(["+CREG: ", "+COPS: (", "+CESQ:", '+CSIM: 4,"']),
+        st.sampled_from(
+            ["+CREG: ", "+COPS: (", "+CESQ:", '+CSIM: 4,"', "+CGEV: NW ", "+CGCONTRDP: 1,5,"]
+        ),
         AT_TEXT,
     ),
 )

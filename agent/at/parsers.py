@@ -892,15 +892,46 @@ class ContextParams:
     dns_secondary: str | None = None
 
 
+def _is_netmask(value: str | None, version: int | None = None) -> bool:
+    """Whether value is a contiguous netmask (dotted IPv4 or IPv6) other than all-zeros."""
+    if not value:
+        return False
+    try:
+        mask = ipaddress.ip_address(normalise_address(value))
+    except ValueError:
+        return False
+    if version is not None and mask.version != version:
+        return False
+    bits = int(mask)
+    width = mask.max_prefixlen
+    ones = bin(bits).count("1")
+    return ones > 0 and bits == ((1 << ones) - 1) << (width - ones)
+
+
+def _ip_version(value: str) -> int | None:
+    try:
+        return ipaddress.ip_address(value).version
+    except ValueError:
+        return None
+
+
 def _split_addr_mask(value: str) -> tuple[str, str | None] | None:
-    """Post-v9.4.0 `a.b.c.d.m.m.m.m` (or 32-part IPv6) → (address, mask); None if not combined."""
+    """One field holding address and mask → (address, mask); None if it holds an address only.
+
+    Forms: post-v9.4.0 dotted `a.b.c.d.m.m.m.m` (8 parts) or 32-part IPv6; with AT+CGPIAF
+    `addr/plen`, or `addr mask` separated by a space.
+    """
+    value = value.strip()
     if "/" in value:
         addr, _, plen = value.partition("/")
-        return normalise_address(addr), plen
+        return normalise_address(addr.strip()), plen.strip() or None
+    if " " in value:
+        addr, _, mask = value.partition(" ")
+        return normalise_address(addr.strip()), normalise_address(mask.strip()) or None
     parts = value.split(".")
-    if len(parts) == 8:
+    if len(parts) == 8 and _octets(parts) is not None:
         return ".".join(parts[:4]), ".".join(parts[4:])
-    if len(parts) == 32:
+    if len(parts) == 32 and _octets(parts) is not None:
         addr6 = normalise_address(".".join(parts[:16]))
         mask6 = normalise_address(".".join(parts[16:]))
         return addr6, mask6
@@ -908,7 +939,11 @@ def _split_addr_mask(value: str) -> tuple[str, str | None] | None:
 
 
 def parse_cgcontrdp(text: str) -> list[ContextParams]:
-    """AT+CGCONTRDP → one ContextParams per line; handles combined and separate address/mask."""
+    """AT+CGCONTRDP (27.007 §10.1.23) → one ContextParams per line (dual stack: two per cid).
+
+    Address and mask come combined in one field (dotted 8/32 parts, `a/len`, `a mask`) or, on
+    pre-v9.4.0 modems, as two fields; the second field counts as a mask only when it is one.
+    """
     out: list[ContextParams] = []
     for payload in _payloads(text, ("+CGCONTRDP",)):
         fields = split_fields(payload)
@@ -919,11 +954,12 @@ def parse_cgcontrdp(text: str) -> list[ContextParams]:
         combined = _split_addr_mask(rest[0]) if rest and rest[0] else None
         if combined is not None:
             local, subnet = combined
-        else:
-            # Pre-v9.4.0 layout: address and mask are separate fields.
-            local = normalise_address(rest[0]) if rest and rest[0] else None
-            subnet = _get(rest, 1)
-            rest = rest[1:]
+        elif rest and rest[0]:
+            local = normalise_address(rest[0])
+            if _is_netmask(_get(rest, 1), _ip_version(local)):
+                # Pre-v9.4.0 layout: address and mask are separate fields.
+                subnet = normalise_address(rest[1])
+                rest = rest[1:]
 
         def addr(i: int, fields_: list[str] = rest) -> str | None:
             v = _get(fields_, i)
@@ -942,6 +978,113 @@ def parse_cgcontrdp(text: str) -> list[ContextParams]:
             )
         )
     return out
+
+
+# --------------------------------------------------------------------------- +CGEV (§10.1.19)
+
+
+@dataclass(frozen=True, slots=True)
+class CgevEvent:
+    """One +CGEV URC: who (`nw`/`me`/None), what, and the context it concerns.
+
+    `action`: act, deact, detach, reject, react, class, modify. `pdn` is True for the PDN
+    (default bearer) forms. `cid` is the context the event is about (for the secondary-bearer
+    forms `NW ACT <p_cid>,<cid>,<event_type>` that is `cid`, with `parent_cid` the PDN's).
+    """
+
+    origin: str | None
+    action: str
+    pdn: bool = False
+    cid: int | None = None
+    parent_cid: int | None = None
+    event_type: int | None = None
+    pdp_type: str | None = None
+    pdp_address: str | None = None
+    klass: str | None = None
+    raw: str = ""
+
+    @property
+    def name(self) -> str:
+        """A stable name such as `nw_pdn_deact`, `me_deact`, `nw_detach`."""
+        parts = [self.origin] if self.origin else []
+        parts += ["pdn"] if self.pdn else []
+        parts.append(self.action)
+        return "_".join(parts)
+
+    @property
+    def context_lost(self) -> bool:
+        """Whether the event takes a data context (or all of them) away."""
+        # REJECT is a network-requested activation the modem turned down: nothing was lost.
+        return self.action in ("deact", "detach")
+
+    @property
+    def context_up(self) -> bool:
+        """Whether the event brings a context up (or back)."""
+        return self.action in ("act", "react")
+
+
+_CGEV_RE = re.compile(
+    r"^(?:(?P<origin>NW|ME)\s+)?(?:(?P<eps>EPS)\s+)?(?:(?P<pdn>PDN)\s+)?"
+    r"(?P<action>ACT|DEACT|DETACH|REJECT|REACT|CLASS|MODIFY)\b\s*(?P<rest>.*)$",
+    re.IGNORECASE,
+)
+
+
+def parse_cgev(text: str) -> CgevEvent:
+    """A +CGEV URC (27.007 §10.1.19, old and new forms) → CgevEvent; ParseError otherwise.
+
+    Liberal: prefix and spaces optional, `EPS PDN ACT` (some Quectel firmware), quoted or bare
+    fields, and the pre-Rel-8 `NW DEACT <PDP_type>,<PDP_addr>[,<cid>]` beside the new
+    `NW DEACT <p_cid>,<cid>,<event_type>`.
+    """
+    payload = _payload(text, ("+CGEV",))
+    m = _CGEV_RE.match(payload.strip())
+    if not m:
+        raise ParseError("not a +CGEV event", text)
+    origin = m.group("origin").lower() if m.group("origin") else None
+    action = m.group("action").lower()
+    pdn = bool(m.group("pdn") or m.group("eps"))
+    rest = m.group("rest").strip()
+    fields = split_fields(rest) if rest else []
+    raw = payload.strip()
+    if action == "class":
+        return CgevEvent(origin, action, klass=fields[0] if fields else None, raw=raw)
+    if action == "detach":
+        return CgevEvent(origin, action, raw=raw)
+    if pdn:
+        if not fields or not fields[0]:
+            raise ParseError("+CGEV PDN event without a cid", text)
+        return CgevEvent(origin, action, pdn=True, cid=_int(fields[0], "cid"), raw=raw)
+    if fields and fields[0] and not _DEC_RE.fullmatch(fields[0]):
+        # Old form: <PDP_type>, <PDP_addr>[, <cid>] (REJECT, NW REACT, NW/ME DEACT).
+        cid_text = _get(fields, 2)
+        return CgevEvent(
+            origin,
+            action,
+            cid=_int(cid_text, "cid") if cid_text else None,
+            pdp_type=fields[0].upper(),
+            pdp_address=normalise_address(fields[1]) if _get(fields, 1) else None,
+            raw=raw,
+        )
+    ints = [_int(f, "field") if f else None for f in fields]
+    if action in ("act", "deact", "modify") and len(ints) >= 2 and origin is not None:
+        # New form: <p_cid>, <cid>, <event_type> (MODIFY: <cid>, <change_reason>, <event_type>).
+        if action == "modify":
+            return CgevEvent(origin, action, cid=ints[0], event_type=_get_int(ints, 2), raw=raw)
+        return CgevEvent(
+            origin, action, cid=ints[1], parent_cid=ints[0], event_type=_get_int(ints, 2), raw=raw
+        )
+    if action in ("act", "deact", "modify", "react") and ints:
+        return CgevEvent(origin, action, cid=ints[0], raw=raw)
+    if action == "reject" or not ints:
+        if action in ("act", "deact") and origin is None:
+            raise ParseError("+CGEV ACT/DEACT without a cid", text)
+        return CgevEvent(origin, action, raw=raw)
+    return CgevEvent(origin, action, cid=ints[0], raw=raw)
+
+
+def _get_int(values: list[int | None], i: int) -> int | None:
+    return values[i] if i < len(values) else None
 
 
 # --------------------------------------------------------------------------- SIM access

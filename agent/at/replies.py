@@ -229,11 +229,7 @@ def _gsn(response: str) -> Result:
     return {"imei": imei, "esn": esn, "meid": meid}
 
 
-def _cgcontrdp(response: str) -> Result:
-    rows = p.parse_cgcontrdp(response)
-    if not rows:
-        raise ParseError("no +CGCONTRDP line", response)
-    r = rows[0]
+def _context_params(r: p.ContextParams) -> Result:
     return {
         "cid": r.cid,
         "bearer_id": r.bearer_id,
@@ -243,6 +239,32 @@ def _cgcontrdp(response: str) -> Result:
         "gateway": r.gateway,
         "dns_primary": r.dns_primary,
         "dns_secondary": r.dns_secondary,
+    }
+
+
+def _cgcontrdp(response: str) -> Result:
+    # The first line's values at the top level (one context, one family: the common case), and
+    # every line under `contexts` (dual stack gives an IPv4 and an IPv6 line per cid).
+    rows = p.parse_cgcontrdp(response)
+    if not rows:
+        raise ParseError("no +CGCONTRDP line", response)
+    return {**_context_params(rows[0]), "contexts": [_context_params(r) for r in rows]}
+
+
+def _cgev(response: str) -> Result:
+    e = p.parse_cgev(response)
+    return {
+        "event": e.name,
+        "origin": e.origin,
+        "action": e.action,
+        "pdn": e.pdn,
+        "cid": e.cid,
+        "parent_cid": e.parent_cid,
+        "event_type": e.event_type,
+        "pdp_type": p.pdp_family(e.pdp_type) if e.pdp_type else None,
+        "pdp_address": e.pdp_address,
+        "class": e.klass,
+        "context_lost": e.context_lost,
     }
 
 
@@ -340,6 +362,7 @@ _HANDLERS: dict[tuple[str, str | None], _Handler] = {
     ("+CGSN", None): _gsn,
     ("+GSN", None): _gsn,
     ("+CGCONTRDP", None): _cgcontrdp,
+    ("+CGEV", None): _cgev,
     ("+QNWINFO", None): _qnwinfo,
     ("+XLEC", None): _xlec,
     ("+QCSQ", None): _qcsq,
