@@ -980,6 +980,17 @@ def parse_cgcontrdp(text: str) -> list[ContextParams]:
     return out
 
 
+def parse_usb_mode(text: str, prefix: str) -> int:
+    """A vendor's USB network mode number: `+QCFG: "usbnet",1` → 1, `+GTUSBMODE: 31` → 31."""
+    payload = _payload(text, (prefix,))
+    fields = split_fields(payload)
+    if prefix.upper() == "+QCFG":
+        if len(fields) < 2 or fields[0].lower() != "usbnet":
+            raise ParseError('not a +QCFG: "usbnet" reply', text)
+        return _int(fields[1], "usbnet mode")
+    return _int(fields[0], "USB mode")
+
+
 # --------------------------------------------------------------------------- +CGEV (§10.1.19)
 
 

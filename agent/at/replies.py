@@ -363,6 +363,8 @@ _HANDLERS: dict[tuple[str, str | None], _Handler] = {
     ("+GSN", None): _gsn,
     ("+CGCONTRDP", None): _cgcontrdp,
     ("+CGEV", None): _cgev,
+    ("+QCFG", None): lambda r: {"usbnet": p.parse_usb_mode(r, "+QCFG")},
+    ("+GTUSBMODE", None): lambda r: {"usb_mode": p.parse_usb_mode(r, "+GTUSBMODE")},
     ("+QNWINFO", None): _qnwinfo,
     ("+XLEC", None): _xlec,
     ("+QCSQ", None): _qcsq,
