@@ -41,7 +41,9 @@ class Operator:
 
     ns: str
     gateway: str
-    seen: dict[str, list[str]] = field(default_factory=lambda: {"tcp": [], "http": [], "dns": []})
+    seen: dict[str, list[str]] = field(
+        default_factory=lambda: {"tcp": [], "http": [], "dns": [], "dhcp": []}
+    )
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self, kind: str, source: str) -> None:
@@ -192,3 +194,64 @@ async def operator_servers(lab: Lab) -> AsyncIterator[None]:
             server.close()
         for transport in transports:
             transport.close()
+
+
+class _Dhcp(asyncio.DatagramProtocol):
+    """A DHCPv4 server that offers one address (what an ECM/RNDIS modem's own server does)."""
+
+    def __init__(self, op: Operator, offer: str) -> None:
+        self.op = op
+        self.offer = offer
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        from pyroute2.dhcp.dhcp4msg import dhcp4msg
+
+        msg = dhcp4msg(buf=data)
+        msg.decode()
+        kind = int(msg["options"]["message_type"])
+        self.op.record("dhcp", {1: "discover", 3: "request", 7: "release"}.get(kind, str(kind)))
+        reply_type = {1: 2, 3: 5}.get(kind)  # DISCOVER -> OFFER, REQUEST -> ACK
+        if reply_type is None or self.transport is None:
+            return
+        reply = dhcp4msg(
+            {
+                "op": 2,
+                "xid": msg["xid"],
+                "flags": msg["flags"],
+                "yiaddr": self.offer,
+                "siaddr": self.op.gateway,
+                "chaddr": msg["chaddr"],
+                "options": {
+                    "message_type": reply_type,
+                    "server_id": self.op.gateway,
+                    "lease_time": 3600,
+                    "subnet_mask": "255.255.255.0",
+                    "router": [self.op.gateway],
+                    "name_server": [INTERNET],
+                },
+            }
+        )
+        self.transport.sendto(reply.encode().buf, ("255.255.255.255", 68))
+
+
+@contextlib.asynccontextmanager
+async def dhcp_server(lab: Lab, i: int) -> AsyncIterator[None]:
+    """Operator i answers DHCP on its end of the veth, offering the agent's usual address."""
+    op = lab.operators[i]
+    with in_netns(op.ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, f"u{i}".encode())
+        sock.bind(("0.0.0.0", 67))
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: _Dhcp(op, lab.address(i)), sock=sock
+    )
+    try:
+        yield
+    finally:
+        transport.close()
