@@ -16,6 +16,7 @@ from agent.net.routes import (
     RT_PROTO,
     RULE_PRIORITY,
     TABLE_BASE,
+    TABLE_METRIC,
     RouteManager,
     is_agent_table,
 )
@@ -179,8 +180,12 @@ async def test_calls_are_idempotent(lab: Lab, rm: RouteManager) -> None:
     await rm.set_active("primary")
     async with AsyncIPRoute() as ipr:
         before = await tagged(ipr)
-        await declare_both(rm, lab)
-        await rm.set_active("primary")
+        for i, name in enumerate(LAYERS):
+            again = await rm.set_layer(
+                name, lab.ifname(i), [lab.operators[i].gateway], [lab.address(i)]
+            )
+            assert again == 0
+        assert await rm.set_active("primary") == 0
         after = await tagged(ipr)
     assert len(after[0]) == len(before[0]) == 4  # two tables + two main defaults
     assert len(after[1]) == len(before[1]) == 4  # fwmark + source rule per layer
@@ -253,3 +258,63 @@ async def test_remove_layer_takes_its_routes_and_rules(lab: Lab, rm: RouteManage
         assert {r.get("table") for r in rules} == {rm.table("primary")}
     assert rm.carrier() == "primary"
     assert set(rm.snapshot()) == {"primary"}
+
+
+async def test_ipv6_layer_gets_its_own_v6_table_rules_and_main_route(lab: Lab) -> None:
+    async with AsyncIPRoute() as ipr:
+        m0 = await ifindex(ipr, "m0")
+        await ipr.addr("add", index=m0, address="fd00:1::2", prefixlen=64, flags=0x80)
+    rm = await RouteManager.open(["dual"])
+    try:
+        await rm.set_layer(
+            "dual",
+            "m0",
+            gateways=["198.18.1.1", "fd00:1::1"],
+            sources=["198.18.1.2", "fd00:1::2"],
+        )
+        await rm.set_active("dual")
+        assert await rm.set_active("dual") == 0
+        assert (
+            await rm.set_layer(
+                "dual", "m0", ["198.18.1.1", "fd00:1::1"], ["198.18.1.2", "fd00:1::2"]
+            )
+            == 0
+        )
+        async with AsyncIPRoute() as ipr:
+            v6 = [
+                (r.get("table"), r.get("priority") or 0, r.get("gateway"))
+                async for r in await ipr.route("dump", family=socket.AF_INET6)
+                if r.get("proto") == RT_PROTO
+            ]
+            assert sorted(v6) == [
+                (254, ACTIVE_METRIC, "fd00:1::1"),
+                (rm.table("dual"), TABLE_METRIC, "fd00:1::1"),
+            ]
+            rules6 = [
+                (r.get("fwmark"), r.get("src"))
+                async for r in await ipr.rule("dump", family=socket.AF_INET6)
+                if r.get("protocol") == RT_PROTO
+            ]
+            assert sorted(rules6, key=str) == sorted(
+                [(rm.fwmark("dual"), None), (None, "fd00:1::2")], key=str
+            )
+    finally:
+        await rm.close(clean=True)
+    async with AsyncIPRoute() as ipr:
+        assert await tagged(ipr) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"gateways": ["198.18.1.1", "198.18.1.254"]}, "one gateway per address family"),
+        ({"gateways": ["not-an-address"]}, "does not appear to be an IPv4 or IPv6 address"),
+        ({"metric": 5}, "standby metric must be above"),
+    ],
+)
+def test_set_layer_rejects_what_cannot_be_routed(bad: dict[str, Any], match: str) -> None:
+    rm = RouteManager(layers=("a",))
+    with pytest.raises(ValueError, match=match):
+        asyncio.run(rm.set_layer("a", "m0", **bad))
+    with pytest.raises(KeyError):
+        rm.table("b")

@@ -41,6 +41,8 @@ RULE_PRIORITY = 17_000
 ACTIVE_METRIC = 10
 #: Default main-table metric of a standby layer: STANDBY_METRIC + 10 * index.
 STANDBY_METRIC = 1000
+#: Metric of the default route in a layer's own table (explicit: IPv6 would turn 0 into 1024).
+TABLE_METRIC = 100
 #: Deadline of one netlink request.
 NETLINK_TIMEOUT = 5.0
 
@@ -198,13 +200,14 @@ class RouteManager:
         metric: int | None = None,
         *,
         metered: bool = False,
-    ) -> None:
+    ) -> int:
         """Declare that layer `name` is usable through `ifname`: its table, rules, main route.
 
         `gateways` holds at most one address per family (none: a device route, right for
         raw-IP interfaces); `sources` are the interface addresses that select the layer's table.
         `metric` is the main-table metric while standby (default STANDBY_METRIC + 10 * index);
         a `metered` layer gets a main-table route only while it is the active layer.
+        Returns the number of kernel changes (0 when everything already was as asked).
         """
         index = self._index(name)
         gws = tuple(str(ipaddress.ip_address(g)) for g in gateways)
@@ -225,22 +228,22 @@ class RouteManager:
             raise ValueError(f"a standby metric must be above {ACTIVE_METRIC}")
         async with self._lock:
             self._wanted[name] = wanted
-            await self._reconcile()
+            return await self._reconcile()
 
-    async def set_active(self, name: str | None) -> None:
+    async def set_active(self, name: str | None) -> int:
         """Give layer `name` the lowest main-table metric (None: no layer is preferred)."""
         if name is not None:
             self._index(name)
         async with self._lock:
             self._active = name
-            await self._reconcile()
+            return await self._reconcile()
 
-    async def remove_layer(self, name: str) -> None:
+    async def remove_layer(self, name: str) -> int:
         """Take layer `name`'s table, rules and main route away (its link went down)."""
         self._index(name)
         async with self._lock:
             self._wanted.pop(name, None)
-            await self._reconcile()
+            return await self._reconcile()
 
     async def close(self, *, clean: bool = True) -> None:
         """Remove everything (clean) or leave it for the next start (e.g. a restart in place)."""
@@ -302,7 +305,7 @@ class RouteManager:
             metric = self._main_metric(name, layer)
             for fam in sorted(families):
                 gw = next((g for g in layer.gateways if _family(g) == fam), None)
-                routes.add(_Route(fam, table, 0, oif, gw))
+                routes.add(_Route(fam, table, TABLE_METRIC, oif, gw))
                 if metric is not None:
                     routes.add(_Route(fam, _RT_TABLE_MAIN, metric, oif, gw))
                 rules.add(_Rule(fam, table, mark, None, 0))
