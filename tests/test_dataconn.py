@@ -343,3 +343,29 @@ def test_grant_from_contrdp_reads_dual_stack_and_drops_zeros() -> None:
     # A gateway equal to the granted /32 address is no gateway: a device route is used.
     assert gateways == ("fe80::1",)
     assert dns == ("198.51.100.53", "2001:db8:0:cd03::1")
+
+
+async def test_refused_credentials_never_show_the_password(
+    emu_factory: Callable[..., EmulatorHandle], tmp_path: Path
+) -> None:
+    emu = emu_factory(
+        "--scenario",
+        str(scenario(tmp_path, "generic", {'AT+CGAUTH=1,1,"router","hunter2"': "\nERROR\n"})),
+    )
+    channel = await AtChannel.open(emu.port)
+    rec = Recorder()
+    conn = DataConnection(channel, vendor_by_name("generic"), on_change=rec, backoff_initial=5.0)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            keeper = tg.create_task(
+                conn.run(DataProfile(apn="corp.test", user="router", password="hunter2"))
+            )
+            down = await rec.wait(lambda s: s.state == DataState.DOWN and s.reason is not None)
+            keeper.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await channel.close()
+    assert down.reason == "AT+CGAUTH failed (error)"
+    assert "hunter2" not in repr(rec.seen)
+    assert "hunter2" not in repr(DataProfile(password="hunter2"))

@@ -300,9 +300,7 @@ class DataConnection:
                     await self._deactivate(mode)
                 await self._cmd(f'AT+CGDCONT={self.cid},"{wire}","{apn}"')
             if profile.user:
-                await self._cmd(
-                    f'AT+CGAUTH={self.cid},{CGAUTH_PAP},"{profile.user}","{profile.password or ""}"'
-                )
+                await self._authenticate(profile)
         if not await self.active():
             await self._cmd(f"AT+CGACT=1,{self.cid}", ACTIVATE_TIMEOUT)
         if mode in dialect.connect_modes and dialect.connect:
@@ -324,6 +322,15 @@ class DataConnection:
             )
         )
         return self._status
+
+    async def _authenticate(self, profile: DataProfile) -> None:
+        """AT+CGAUTH with the credentials; errors never carry the command (it has the password)."""
+        command = f'AT+CGAUTH={self.cid},{CGAUTH_PAP},"{profile.user}","{profile.password or ""}"'
+        try:
+            await self._cmd(command)
+        except AtError as exc:
+            detail = "timeout" if isinstance(exc, TimeoutError) else getattr(exc, "text", None)
+            raise DataError(f"AT+CGAUTH failed ({detail or 'error'})") from None
 
     async def _read_grant(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """Address, gateway and DNS per AT+CGCONTRDP, else the address per AT+CGPADDR."""
