@@ -210,6 +210,9 @@ class DataPath:
     async def _on_status(self, link: _ModemLink, status: DataStatus) -> None:
         try:
             await self._carry_out(link, status)
+        except (RouteError, OSError) as exc:
+            # The modem side must go on whatever netlink says; the next change tries again.
+            log.warning("datapath.carry_out_failed", modem=link.modem_id, error=str(exc))
         finally:
             self.updated.set()
 
