@@ -95,7 +95,7 @@ async def test_http_probe_resolves_its_host_through_the_links_own_dns(
     assert result.ok, result.error
     assert lab.operators[1].seen["dns"] == [lab.address(1)]
     assert lab.operators[1].seen["http"] == [lab.address(1)]
-    assert lab.operators[0].seen == {"tcp": [], "http": [], "dns": []}
+    assert not any(lab.operators[0].seen.values())
 
 
 async def test_a_dead_link_fails_its_probes_while_another_link_carries_the_default(
@@ -110,7 +110,7 @@ async def test_a_dead_link_fails_its_probes_while_another_link_carries_the_defau
     for kind, target in specs():
         result = await probe_from_spec(kind, target, 1.0, binding(rm, lab, "backup")).run()
         assert not result.ok, (kind, target)  # ... but the backup's own probes see it dead
-    assert lab.operators[1].seen == {"tcp": [], "http": [], "dns": []}
+    assert not any(lab.operators[1].seen.values())
 
 
 async def test_unbound_binding_behaves_as_before(lab: Lab, rm: RouteManager) -> None:
