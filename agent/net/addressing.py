@@ -46,34 +46,6 @@ class Lease:
         return tuple(a.split("/")[0] for a in self.addresses)
 
 
-def interface_prefix(address: str, subnet: str | None) -> str:
-    """'addr/len' from a granted address and an optional dotted or numeric mask.
-
-    Without a mask (or with an all-ones one) the address is a host route: /32 or /128.
-    """
-    ip = ipaddress.ip_address(address)
-    full = ip.max_prefixlen
-    if not subnet:
-        return f"{ip}/{full}"
-    if subnet.isdigit():
-        plen = int(subnet)
-    else:
-        try:
-            mask = ipaddress.ip_address(subnet)
-        except ValueError:
-            return f"{ip}/{full}"
-        if mask.version != ip.version:
-            return f"{ip}/{full}"
-        bits = int(mask)
-        plen = bin(bits).count("1")
-        if bits != ((1 << plen) - 1) << (full - plen):
-            # Not a contiguous mask: the modem made it up; trust a host route instead.
-            return f"{ip}/{full}"
-    if not 0 < plen <= full:
-        return f"{ip}/{full}"
-    return f"{ip}/{plen}"
-
-
 @dataclass(slots=True)
 class InterfaceAddresses:
     """Puts granted addresses on interfaces, brings them up, and takes them away again."""
