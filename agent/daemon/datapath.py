@@ -140,7 +140,9 @@ class DataPath:
                 await self._withdraw(link)
 
     def serve(self, modem_id: str, layer: str) -> None:
-        """The modem now serves `layer` (its profile was enabled): re-create the context."""
+        """The modem now serves `layer` (its profile was enabled): re-create the context.
+
+        Call it after every profile switch on the modem, even back to the same layer."""
         link = self._modems[modem_id]
         old, link.layer = link.layer, layer
         if old is not None and old != layer:

@@ -370,11 +370,14 @@ class DataConnection:
     # ----------------------------------------------------------------------- keeping it up
 
     def set_profile(self, profile: DataProfile) -> None:
-        """A new profile (another eSIM, another APN): the keeper re-creates the context."""
-        if profile != self._profile:
-            self._profile = profile
-            self._profile_changed = True
-            self._wake.set()
+        """Another eSIM profile is in use (maybe another APN): the keeper re-creates the context.
+
+        Always re-created, even for an equal DataProfile: with `apn = "auto"` the new
+        operator's default context is what counts, and the old bearer belongs to the old one.
+        """
+        self._profile = profile
+        self._profile_changed = True
+        self._wake.set()
 
     def context_lost(self) -> None:
         """Evidence from elsewhere (netlink, a probe) that the context went: check it now."""
