@@ -369,3 +369,28 @@ async def test_refused_credentials_never_show_the_password(
     assert down.reason == "AT+CGAUTH failed (error)"
     assert "hunter2" not in repr(rec.seen)
     assert "hunter2" not in repr(DataProfile(password="hunter2"))
+
+
+async def test_a_switch_re_creates_even_an_auto_context(
+    emu_factory: Callable[..., EmulatorHandle], tmp_path: Path
+) -> None:
+    emu = emu_factory("--scenario", str(scenario(tmp_path, "generic", {}, pdp_auto=False)))
+    channel = await AtChannel.open(emu.port)
+    rec = Recorder()
+    conn = DataConnection(channel, vendor_by_name("generic"), on_change=rec, poll_interval=5.0)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            keeper = tg.create_task(conn.run(DataProfile(apn="auto")))
+            await rec.state(DataState.UP)
+            mark = len(rec.seen)
+            conn.set_profile(DataProfile(apn="auto"))
+            await rec.state(DataState.UP, mark)
+            keeper.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await channel.close()
+    states = [s.state for s in rec.seen[mark:]]
+    assert states[0] == DataState.DOWN
+    sent = history(emu)
+    assert sent.index("AT+CGACT=0,1") < len(sent) - 1 - sent[::-1].index("AT+CGACT=1,1")
