@@ -25,6 +25,7 @@ from tests.netns_lab import (
     INTERNET,
     TCP_PORT,
     Lab,
+    dhcp_server,
     in_netns,
     make_lab,
     needs_root,
@@ -205,3 +206,77 @@ async def test_without_interfaces_nothing_is_touched_and_probes_stay_unbound(
         await dp.set_active("primary")
     finally:
         await dp.close()
+
+
+@pytest.fixture
+def lab1() -> Iterator[Lab]:
+    with make_lab(1) as lab_, in_netns(lab_.agent):
+        yield lab_
+
+
+async def test_router_mode_modem_gets_its_address_by_dhcp(
+    lab1: Lab, tmp_path: Path, emu_factory: Callable[..., EmulatorHandle]
+) -> None:
+    """Quectel in ECM mode: connect with AT+QNETDEVCTL, then DHCP from the modem's server."""
+    text = "\n".join(
+        [
+            "[[modem]]",
+            'vendor = "quectel"',
+            "pdp_auto = false",
+            "[[modem.profiles]]",
+            'iccid = "89445001020304050600"',
+            'name = "P"',
+            "enabled = true",
+            "[modem.replies]",
+            '"AT+QCFG=\\"usbnet\\"" = "\\n+QCFG: \\"usbnet\\",1\\n\\nOK\\n"',
+            '"AT+QNETDEVCTL=1,1,1" = "\\nOK\\n"',
+            '"AT+QNETDEVCTL=0,1,0" = "\\nOK\\n"',
+            "",
+        ]
+    )
+    (tmp_path / "ecm.toml").write_text(text)
+    lab = lab1
+    emu = emu_factory("--scenario", str(tmp_path / "ecm.toml"))
+    cfg = parse_config(
+        {
+            "device_id": "dp",
+            "state_dir": str(tmp_path),
+            "modems": [{"id": "m0", "port": emu.port, "interface": "m0", "vendor": "quectel"}],
+            "layers": [
+                {
+                    "name": "ecm",
+                    "modem": "m0",
+                    "profile": "89445001020304050600",
+                    "role": "primary",
+                    "apn": "internet",
+                }
+            ],
+        }
+    )
+    dp = await DataPath.open(cfg)
+    channel = await AtChannel.open(emu.port)
+    try:
+        async with operator_servers(lab), dhcp_server(lab, 0), asyncio.TaskGroup() as tg:
+            task = tg.create_task(
+                dp.run_modem("m0", channel, vendor_by_name("quectel"), "ecm"), name="data"
+            )
+            await wait_snapshot(dp, lambda snap: snap["ecm"]["metric"] is not None)
+            await dp.set_active("ecm")
+            snap = dp.snapshot()["ecm"]
+            assert snap["addresses"] == ["198.18.1.2"]
+            data = snap["data"]
+            assert isinstance(data, dict)
+            assert (data["usb_mode"], data["addressing"]) == ("ecm", "dhcp")
+            assert dp.binding("ecm").dns == (INTERNET,)
+            await connect()
+            assert await lab.operators[0].wait_seen("tcp", 1) == ["198.18.1.2"]
+            assert "AT+QNETDEVCTL=1,1,1" in emu.status()["history"]
+            task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await channel.close()
+        await dp.close()
+    assert await addresses_on("m0") == []
+    assert await tagged_count() == 0
+    assert lab.operators[0].seen["dhcp"][-1] == "release"
