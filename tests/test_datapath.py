@@ -282,3 +282,54 @@ async def test_router_mode_modem_gets_its_address_by_dhcp(
         await dp.close()
     assert await addresses_on("m0") == []
     assert await tagged_count() == 0
+
+
+async def test_mbim_modem_is_reported_and_its_interface_still_routed(
+    lab1: Lab, tmp_path: Path, emu_factory: Callable[..., EmulatorHandle]
+) -> None:
+    """Dell (MBIM only): nothing is driven over AT, but an address something else put on the
+    interface is routed through and probes stay bound to it."""
+    lab = lab1
+    async with AsyncIPRoute() as ipr:
+        idx = (await ipr.link_lookup(ifname="m0"))[0]
+        await ipr.addr("add", index=idx, address="198.18.1.2", prefixlen=24)
+    emu = emu_factory("--vendor", "dell")
+    cfg = parse_config(
+        {
+            "device_id": "dp",
+            "state_dir": str(tmp_path),
+            "modems": [{"id": "m0", "port": emu.port, "interface": "m0", "vendor": "dell"}],
+            "layers": [
+                {
+                    "name": "mbim",
+                    "modem": "m0",
+                    "profile": "89445001020304050600",
+                    "role": "primary",
+                }
+            ],
+        }
+    )
+    dp = await DataPath.open(cfg)
+    channel = await AtChannel.open(emu.port)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(dp.run_modem("m0", channel, vendor_by_name("dell"), "mbim"))
+            await wait_snapshot(dp, lambda snap: snap["mbim"]["metric"] is not None)
+            snap = dp.snapshot()["mbim"]
+            data = snap["data"]
+            assert isinstance(data, dict)
+            assert data["state"] == "unsupported"
+            assert data["reason"] == "data function needs MBIM, not AT"
+            assert snap["addresses"] == ["198.18.1.2"]
+            assert dp.binding("mbim").interface == "m0"
+            assert not any(c.startswith("AT+CGACT=") for c in emu.status()["history"])
+            task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await channel.close()
+        await dp.close()
+    # Somebody else's address stays; our routes go.
+    assert await addresses_on("m0") == ["198.18.1.2/24"]
+    assert await tagged_count() == 0
+    assert lab.operators[0].seen["tcp"] == []

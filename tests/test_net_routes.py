@@ -318,3 +318,22 @@ def test_set_layer_rejects_what_cannot_be_routed(bad: dict[str, Any], match: str
         asyncio.run(rm.set_layer("a", "m0", **bad))
     with pytest.raises(KeyError):
         rm.table("b")
+
+
+async def test_device_routes_without_gateway_are_removed_too(lab: Lab) -> None:
+    """Raw-IP interfaces (QMI/MBIM) route without a gateway: those must go on close as well."""
+    rm = await RouteManager.open(["raw"])
+    try:
+        await rm.set_layer("raw", "m0", sources=[lab.address(0)])
+        await rm.set_active("raw")
+        assert await rm.set_active("raw") == 0
+        async with AsyncIPRoute() as ipr:
+            routes, _ = await tagged(ipr)
+            assert {(r.get("table"), r["scope"], r.get("gateway")) for r in routes} == {
+                (254, 253, None),
+                (rm.table("raw"), 253, None),
+            }
+    finally:
+        await rm.close(clean=True)
+    async with AsyncIPRoute() as ipr:
+        assert await tagged(ipr) == ([], [])

@@ -29,7 +29,7 @@ from agent.modem.dataconn import (
 )
 from agent.modem.vendors import VendorProfile
 from agent.net.addressing import DhcpClient, InterfaceAddresses, Lease
-from agent.net.routes import RouteError, RouteManager
+from agent.net.routes import NETLINK_TIMEOUT, RouteError, RouteManager
 
 log = structlog.get_logger(__name__)
 
@@ -290,7 +290,7 @@ class DataPath:
         from pyroute2 import AsyncIPRoute
 
         try:
-            async with AsyncIPRoute() as ipr:
+            async with asyncio.timeout(NETLINK_TIMEOUT), AsyncIPRoute() as ipr:
                 found = await ipr.link_lookup(ifname=link.interface)
                 if not found:
                     return
@@ -299,7 +299,7 @@ class DataPath:
                     async for a in await ipr.addr("dump", index=found[0])
                     if a.get("family") in (socket.AF_INET, socket.AF_INET6) and a.get("scope") == 0
                 ]
-        except OSError as exc:
+        except (OSError, TimeoutError) as exc:
             log.warning("datapath.adopt_failed", interface=link.interface, error=str(exc))
             return
         if sources:

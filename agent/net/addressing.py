@@ -178,11 +178,16 @@ class DhcpClient:
             host_name=None,
         )
         client = AsyncDHCPClient(config)
-        await client.__aenter__()
+        try:
+            async with asyncio.timeout(NETLINK_TIMEOUT):
+                await client.__aenter__()
+        except TimeoutError:
+            raise TimeoutError(f"DHCP client for {self.ifname} did not start") from None
         self._client = client
         try:
-            await client.bootstrap()
-            await client.wait_for_state(State.BOUND, timeout=timeout)
+            async with asyncio.timeout(timeout + NETLINK_TIMEOUT):
+                await client.bootstrap()
+                await client.wait_for_state(State.BOUND, timeout=timeout)
         except BaseException:
             await self.stop()
             raise

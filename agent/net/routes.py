@@ -407,6 +407,8 @@ class RouteManager:
                     "table": table,
                     "priority": metric,
                     "proto": RT_PROTO,
+                    # pyroute2 fills in scope universe on delete, which misses device routes.
+                    "scope": r["scope"],
                 }
                 if oif is not None:
                     msg["oif"] = oif
