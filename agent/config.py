@@ -324,6 +324,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
     _check(bool(cfg.state_dir), "state_dir", "must not be empty")
 
     modem_ids: set[str] = set()
+    interfaces: dict[str, str] = {}
     for i, m in enumerate(cfg.modems):
         key = f"modems[{i}]"
         _check(bool(_ID_RE.match(m.id)), f"{key}.id", "must be 1-64 letters, digits, '_', '.', '-'")
@@ -352,6 +353,13 @@ def _validate(cfg: Config, base_dir: Path) -> None:
             "must be 'auto', 'none' or a network interface name of at most 15 characters "
             "without '/', ':' or spaces, e.g. 'wwan0'",
         )
+        if m.interface not in ("auto", "none"):
+            _check(
+                m.interface not in interfaces,
+                f"{key}.interface",
+                f"{m.interface!r} is already modem {interfaces.get(m.interface)!r}'s interface",
+            )
+            interfaces[m.interface] = m.id
 
     _check(len(cfg.layers) > 0 or not cfg.modems, "layers", "define at least one layer")
     names: set[str] = set()

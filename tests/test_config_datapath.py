@@ -124,3 +124,15 @@ def test_examples_with_data_keys_load() -> None:
     layers = [layer for f in sorted(examples.glob("*.toml")) for layer in load_config(f).layers]
     assert any(layer.apn != "auto" for layer in layers)
     assert any(layer.metered for layer in layers)
+
+
+def test_two_modems_cannot_share_an_interface(tmp_path: Path) -> None:
+    text = textwrap.dedent(BASE).format(modem='interface = "wwan0"', layer="") + (
+        '\n[[modems]]\nid = "m1"\nport = "/dev/ttyUSB5"\ninterface = "wwan0"\n'
+    )
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "modems[1].interface"
+    assert "already modem 'm0'" in info.value.reason
