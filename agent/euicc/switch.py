@@ -93,6 +93,9 @@ class SwitchReport(msgspec.Struct, kw_only=True):
     phases: SwitchPhases = msgspec.field(default_factory=SwitchPhases)
     error: str | None = None
     total_ms: float = 0.0
+    # What the card had enabled when it was read again after a failed attempt (None: not read,
+    # or no profile enabled).
+    enabled_iccid: str | None = None
 
 
 class SwitchError(AgentError):
@@ -101,6 +104,19 @@ class SwitchError(AgentError):
 
 LpaFactory = Callable[[], Lpa]
 Probe = Callable[[], Awaitable[bool]]
+
+
+def _describe(exc: BaseException) -> str:
+    """Our errors carry their own message; anything else is named by its type too."""
+    if isinstance(exc, AgentError | TimeoutError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _log_foreign(exc: BaseException, phase: str) -> None:
+    """A failure that is not one of the agent's own errors is a bug somewhere: keep its trace."""
+    if not isinstance(exc, AgentError | TimeoutError):
+        log.error("euicc_switch_unexpected_error", phase=phase, exc_info=exc)
 
 
 def _ms(start: float) -> float:
@@ -148,25 +164,44 @@ class SafeSwitch:
             if not any(p.iccid == target for p in profiles):
                 raise Es10Error("EnableProfile", 1, "iccidOrAidNotFound")
             await self._enable_phase(target, report)
-        except (AgentError, TimeoutError) as exc:
-            report.error = f"enable: {exc}"
-            # The enable may have half-happened (a lost reply): make sure the old one runs.
+        except Exception as exc:
+            # Any failure, ours or not (a probe's bug, a decoder's ValueError): the enable may
+            # have half-happened (a lost reply), so make sure the old profile runs.
+            report.error = f"enable: {_describe(exc)}"
+            _log_foreign(exc, "enable")
             await self._restore(previous, report)
             report.outcome = "failed"
-            return self._done(report, started)
+            return await self._reread(report, started)
         try:
             async with asyncio.timeout(self.rollback_timeout):
                 await self._attach_phases(target, report)
-        except (AgentError, TimeoutError) as exc:
+        except Exception as exc:
             report.error = (
-                str(exc)
+                _describe(exc)
                 or f"{self._phase}: no working link on {target} within {self.rollback_timeout:g} s"
             )
+            _log_foreign(exc, self._phase)
             log.warning("euicc_switch_rollback", to_iccid=target, error=report.error)
             restored = await self._restore(previous, report)
             report.outcome = "rolled_back" if restored else "failed"
-            return self._done(report, started)
+            return await self._reread(report, started)
         report.outcome = "switched"
+        return self._done(report, started)
+
+    async def _reread(self, report: SwitchReport, started: float) -> SwitchReport:
+        """After a failure, report what the card really runs, not what the switch meant to do."""
+        try:
+            async with asyncio.timeout(self.rollback_timeout):
+                async with self.lpa_factory() as lpa:
+                    profiles = await lpa.list_profiles()
+        except Exception as exc:
+            log.warning("euicc_switch_reread_failed", error=_describe(exc))
+            report.error = f"{report.error}; card not re-read: {_describe(exc)}"
+            return self._done(report, started)
+        enabled = next((p.iccid for p in profiles if p.state == "enabled"), None)
+        report.enabled_iccid = enabled
+        if enabled != report.from_iccid and report.outcome == "rolled_back":
+            report.outcome = "failed"
         return self._done(report, started)
 
     def _done(self, report: SwitchReport, started: float) -> SwitchReport:
@@ -251,7 +286,7 @@ class SafeSwitch:
                         async with self.lpa_factory() as lpa:
                             changed = await lpa.enable_profile(previous, refresh=True)
                         break
-                    except AgentError as exc:
+                    except Exception as exc:
                         log.warning("euicc_rollback_enable_retry", attempt=attempt, error=str(exc))
                         await asyncio.sleep(self.poll_s)
                 else:
@@ -261,9 +296,9 @@ class SafeSwitch:
                 await self._wait_iccid(previous)
                 await self._wait_registered()
             return True
-        except (AgentError, TimeoutError) as exc:
-            log.error("euicc_rollback_failed", previous=previous, error=str(exc))
-            report.error = f"{report.error}; rollback: {exc or 'timed out'}"
+        except Exception as exc:
+            log.error("euicc_rollback_failed", previous=previous, error=_describe(exc))
+            report.error = f"{report.error}; rollback: {_describe(exc) or 'timed out'}"
             return False
         finally:
             report.phases.rollback = _ms(t)

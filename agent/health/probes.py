@@ -271,7 +271,8 @@ def parse_http_status_line(line: bytes) -> int:
     if len(parts) < 2 or not parts[0].upper().startswith("HTTP/"):
         raise ParseError("not an HTTP status line", text)
     code = parts[1]
-    if len(code) != 3 or not code.isdigit():
+    # str.isdigit() also accepts superscripts and other scripts' digits that int() refuses.
+    if len(code) != 3 or not code.isascii() or not code.isdigit():
         raise ParseError("bad HTTP status code", text)
     return int(code)
 
