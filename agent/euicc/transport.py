@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import stat
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from agent.errors import AgentError, ApduError, AtError, ParseError, PortGoneError
+from agent.errors import AgentError, ApduError, AtError, CmeError, ParseError, PortGoneError
 from agent.euicc.apdu import (
     build,
     exchange,
@@ -33,10 +33,31 @@ CHANNEL_TIMEOUT_S = 10.0
 MODE_CGLA = "cgla"
 MODE_CSIM = "csim"
 GET_EID = bytes.fromhex("BF3E035C015A")  # harmless request that proves a kept channel still works
+# Logical channels swept when stale ones may be open: eUICCs report three (TS 102 221 allows up
+# to 19, but we need only one free, and every extra probe is a round-trip on a slow port).
+SWEEP_CHANNELS = range(1, 4)
+CME_SIM_BUSY = 14  # what modems answer AT+CCHO with when the card has no free channel
+SW_NO_CHANNEL = 0x6A81  # MANAGE CHANNEL open refused: no free channel (function not supported)
+SW_CHANNEL_NOT_OPEN = 0x6881
+
+# Ports swept for stale channels by this process: a run that died mid-CCHO leaves channels
+# open that no record names, so the first open after start closes whatever is open.
+_swept_ports: set[str] = set()
 
 
 class ChannelError(AgentError):
     """The ISD-R channel could not be opened by any method the modem offers."""
+
+    def __init__(self, message: str, sw: int | None = None) -> None:
+        super().__init__(message)
+        self.sw = sw
+
+
+def out_of_channels(exc: BaseException) -> bool:
+    """True when an open failed because the card has no free logical channel."""
+    if isinstance(exc, CmeError):
+        return exc.code == CME_SIM_BUSY or "busy" in (exc.text or "").lower()
+    return isinstance(exc, ChannelError) and exc.sw == SW_NO_CHANNEL
 
 
 class ApduTransport(Protocol):
@@ -139,9 +160,45 @@ def channel_for_session(session: str) -> int:
 
 
 def default_state_dir() -> Path:
-    """Where open channels are recorded so a run after a crash can close them."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"esim-agent-{os.getuid()}"
+    """Where open channels are recorded so a run after a crash can close them: a private per-user
+    directory ($XDG_RUNTIME_DIR, else $XDG_STATE_HOME or ~/.local/state), never a shared /tmp."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "esim-agent"
+    state = os.environ.get("XDG_STATE_HOME")
+    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "esim-agent"
+
+
+# The record's contents go into AT commands: only these shapes are ever accepted from it.
+_RECORD_MODES = ("", MODE_CGLA, MODE_CSIM)
+_CGLA_SESSION_RE = re.compile(r"^[0-9A-Fa-f]{1,16}$")  # "1" or a 64-bit token like Sierra's
+_RECORD_MAX_BYTES = 4096
+
+
+def valid_session(mode: str | None, session: str) -> bool:
+    """A session id we would put in AT+CCHC/CGLA (CCHO token) or MANAGE CHANNEL (1..19)."""
+    if mode == MODE_CSIM:
+        return (
+            session.isascii()
+            and session.isdigit()
+            and len(session) <= 2
+            and 1 <= int(session) <= 19
+        )
+    return bool(_CGLA_SESSION_RE.match(session))
+
+
+def _private_dir(path: Path) -> bool:
+    """Ours and writable by nobody else, so no other user can plant or swap a record in it."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
 
 
 class _ChannelRecord:
@@ -149,23 +206,67 @@ class _ChannelRecord:
 
     def __init__(self, state_dir: Path, port: str) -> None:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", port.strip("/")) or "port"
+        self.dir = state_dir
         self.path = state_dir / f"euicc-{safe}.json"
 
     def load(self) -> dict[str, str]:
+        """The record if it is ours and well-formed; {} (and a warning) for anything else."""
+        if not self.path.exists():
+            return {}
+        if not _private_dir(self.dir):
+            log.warning("euicc_channel_record_unsafe", path=str(self.path), reason="directory")
+            return {}
         try:
-            data = json.loads(self.path.read_text())
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    log.warning("euicc_channel_record_unsafe", path=str(self.path), reason="owner")
+                    return {}
+                raw = fh.read(_RECORD_MAX_BYTES + 1)
+            data = json.loads(raw) if len(raw) <= _RECORD_MAX_BYTES else None
         except (OSError, ValueError):
             return {}
-        return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        record = _well_formed(data)
+        if record is None:
+            log.warning("euicc_channel_record_invalid", path=str(self.path))
+            return {}
+        return record
 
     def save(self, data: dict[str, str]) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private_dir(self.dir):
+                log.warning("euicc_channel_record_unsafe", path=str(self.path), reason="directory")
+                return
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(data))
             tmp.replace(self.path)
         except OSError as exc:
             log.warning("euicc_channel_record_failed", path=str(self.path), error=str(exc))
+
+
+def _well_formed(data: object) -> dict[str, str] | None:
+    """The record's fields when each has a shape we wrote; None for anything else."""
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        return None
+    mode = data.get("mode", "")
+    session = data.get("session")
+    cchc = data.get("cchc")
+    if mode not in _RECORD_MODES or cchc not in (None, "missing"):
+        return None
+    if session is not None and (not mode or not valid_session(mode, session)):
+        return None
+    out = {"mode": mode}
+    if session is not None:
+        out["session"] = session
+    if cchc is not None:
+        out["cchc"] = cchc
+    return out
 
 
 # ------------------------------------------------------------------ AT transport
@@ -220,6 +321,9 @@ class AtApduTransport:
         if self._no_cchc and self._explicit in (None, MODE_CGLA) and await self._reuse(record):
             return
         await self._close_stale(record)
+        if self.port not in _swept_ports:
+            _swept_ports.add(self.port)
+            await self._sweep("start")
         hint = self.mode or record.get("mode")
         if self._explicit is not None:
             order = [self._explicit]
@@ -229,19 +333,9 @@ class AtApduTransport:
             order = [MODE_CGLA, MODE_CSIM]
         failures: list[str] = []
         for mode in order:
-            try:
-                if mode == MODE_CGLA:
-                    await self._open_ccho()
-                else:
-                    await self._open_csim()
-            except PortGoneError:
-                raise
-            except (AtError, ParseError, ChannelError) as exc:
-                failures.append(f"{mode}: {exc}")
-                log.info("euicc_channel_mode_failed", port=self.port, mode=mode, error=str(exc))
-                continue
-            self._remember(mode)
-            return
+            if await self._open_mode(mode, failures):
+                self._remember(mode)
+                return
         raise ChannelError(f"{self.port}: cannot open the ISD-R channel ({'; '.join(failures)})")
 
     async def transmit(self, apdu: bytes) -> bytes:
@@ -289,6 +383,60 @@ class AtApduTransport:
         await self.close()
 
     # -------------------------------------------------------------- internals
+
+    async def _open_mode(self, mode: str, failures: list[str]) -> bool:
+        """Open in one dialect; when the card is out of channels, sweep them and try once more."""
+        for attempt in range(2):
+            try:
+                if mode == MODE_CGLA:
+                    await self._open_ccho()
+                else:
+                    await self._open_csim()
+            except PortGoneError:
+                raise
+            except (AtError, ParseError, ChannelError) as exc:
+                if attempt == 0 and out_of_channels(exc):
+                    log.warning(
+                        "euicc_channels_exhausted", port=self.port, mode=mode, error=str(exc)
+                    )
+                    await self._sweep("exhausted")
+                    continue
+                failures.append(f"{mode}: {exc}")
+                log.info("euicc_channel_mode_failed", port=self.port, mode=mode, error=str(exc))
+                return False
+            return True
+        return False
+
+    async def _sweep(self, reason: str) -> None:
+        """Close logical channels no live owner holds: AT+CCHC by number, else MANAGE CHANNEL
+        close over AT+CSIM (modems with opaque session tokens, or without CCHC)."""
+        closed: list[int] = []
+        for n in SWEEP_CHANNELS:
+            if self._explicit != MODE_CSIM and not self._no_cchc:
+                try:
+                    await self._command(f"AT+CCHC={n}", self.channel_timeout)
+                except PortGoneError:
+                    raise
+                except AtError:
+                    pass  # not a session this modem knows by number: try the card itself
+                else:
+                    closed.append(n)
+                    continue
+            try:
+                _, sw = split_sw(await self._csim_raw(build(0x00, 0x70, 0x80, n)))
+            except PortGoneError:
+                raise
+            except (AtError, ParseError) as exc:
+                log.debug("euicc_sweep_close_failed", port=self.port, channel=n, error=str(exc))
+                continue
+            if is_success(sw):
+                closed.append(n)
+        if closed:
+            log.warning(
+                "euicc_stale_channels_closed", port=self.port, reason=reason, channels=closed
+            )
+        else:
+            log.debug("euicc_stale_channels_none", port=self.port, reason=reason)
 
     def _save(self, mode: str | None, session: str | None) -> None:
         data = {"mode": mode or ""}
@@ -381,7 +529,7 @@ class AtApduTransport:
     async def _open_csim(self) -> None:
         data, sw = split_sw(await self._csim_raw(build(0x00, 0x70, 0x00, 0x00, le=1)))
         if not is_success(sw) or not data:
-            raise ChannelError(f"{self.port}: MANAGE CHANNEL open refused: SW {sw:04X}")
+            raise ChannelError(f"{self.port}: MANAGE CHANNEL open refused: SW {sw:04X}", sw)
         channel = data[0]
         self._session, self._channel = str(channel), channel
         cla = channel if channel <= 3 else 0x40 | (channel - 4)
