@@ -64,7 +64,7 @@ from agent.policy.engine import (
     transition,
 )
 from agent.policy.engine import Event as PolicyEvent
-from agent.usage.store import QuotaAlert, UsageStore
+from agent.usage.store import QuotaAlert
 
 log = structlog.get_logger(__name__)
 
@@ -143,13 +143,14 @@ class Daemon:
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("daemon_starting", device_id=cfg.device_id, modems=len(cfg.modems))
-        store = UsageStore(
+        # Never raises: a usage file that fails is counted around in memory (agent.daemon.usage).
+        self.usage = await UsageTracker.open(
             self.state_dir / "usage.db",
-            tuple(cfg.usage.alert_thresholds),
-            cfg.usage.period_start_day,
+            self._on_quota_alert,
+            thresholds=tuple(cfg.usage.alert_thresholds),
+            period_start_day=cfg.usage.period_start_day,
+            on_problem=self._on_usage_problem,
         )
-        self._usage_store = store
-        self.usage = UsageTracker(store, on_alert=self._on_quota_alert)
         self.usage.apply_config(cfg.usage)
         for mcfg in cfg.modems:
             self.sessions[mcfg.id] = ModemSession(
@@ -232,7 +233,7 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         if self.usage is not None:
-            await asyncio.to_thread(self._usage_store.close)
+            await self.usage.close()
         self.sessions.clear()
         self.monitors.clear()
 
@@ -332,6 +333,10 @@ class Daemon:
         if self.usage is not None:
             await self.usage.remote_usage(pool, device, used)
             self._publish_pools()
+
+    def _on_usage_problem(self, detail: dict[str, Any]) -> None:
+        if self.bridge is not None:
+            self.bridge.publish_event(Event(type="usage_store_failed", data=detail))
 
     def _on_quota_alert(self, alert: QuotaAlert) -> None:
         data = msgspec.to_builtins(alert)

@@ -1,18 +1,25 @@
-"""Feeds modem byte counters into the usage store while the daemon runs, and reports quota alerts.
+"""Feeds modem byte counters into the usage ledger while the daemon runs, and reports quota alerts.
 
 The store keeps a baseline per ICCID and adds deltas; this tracker adds what only the daemon
 knows: which modem a reading came from. A modem whose ICCID changed since its last reading has
 switched profiles, and its counter restarted with the new data context, so the whole reading
-belongs to the new profile (new session). Store calls are synchronous SQLite work: they run in a
-worker thread, one at a time, behind a lock that snapshot() shares.
+belongs to the new profile (new session).
+
+Usage is bookkeeping and never stops failover. The ledger the daemon reads and writes lives in
+memory (an in-memory SQLite database: no file, no lock, so a call returns in microseconds on the
+event loop); agent.usage.persist.UsageFile applies the same calls to the file on its own thread.
+When the file fails, the tracker logs and reports it once, keeps counting in memory, and tries
+again every RETRY_S seconds, writing the whole ledger back when the file works again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,11 +28,16 @@ import structlog
 from agent.config import UsageConfig, normalize_iccid, parse_size
 from agent.errors import AgentError
 from agent.modem.counters import Counters
-from agent.usage.store import QuotaAlert, UsageStore, period_of
+from agent.usage.persist import StoreUnavailable, UsageFile, read_image
+from agent.usage.store import QuotaAlert, UsageStore, UsageStoreError, period_of
 
 log = structlog.get_logger(__name__)
 
-STORE_TIMEOUT_S = 15.0
+STORE_TIMEOUT_S = 15.0  # opening the file at start, and finishing writes at close
+WRITE_WAIT_S = 2.0  # how long a sample waits for its write before leaving it queued
+RETRY_S = 30.0  # between attempts to bring a failed file back
+
+ProblemCallback = Callable[[dict[str, Any]], None]
 
 
 class UsageTimeout(AgentError, TimeoutError):
@@ -37,25 +49,105 @@ def period_start(period: str, start_day: int) -> str:
     return f"{period}-{start_day:02d}T00:00:00Z"
 
 
+def _unwal(image: bytes) -> bytes:
+    """An image of a WAL-mode file made loadable in memory (header bytes 18-19: rollback mode)."""
+    if len(image) >= 20 and image[18:20] == b"\x02\x02":
+        return image[:18] + b"\x01\x01" + image[20:]
+    return image
+
+
 class UsageTracker:
     """Per-modem counter readings → per-profile usage; alerts go to on_alert and are returned."""
 
     def __init__(
         self,
-        store: UsageStore,
+        store: UsageStore | None,
         on_alert: Callable[[QuotaAlert], None],
         *,
         clock: Callable[[], float] = time.time,
+        on_problem: ProblemCallback | None = None,
+        file: UsageFile | None = None,
+        image: bytes | None = None,
+        retry_s: float = RETRY_S,
     ) -> None:
-        self.store = store
+        """store: an open file store to persist to (tests); the daemon uses open() instead."""
+        if file is None:
+            if store is None:
+                raise ValueError("a store or a file is needed")
+            file = UsageFile(store.path, store.thresholds, store.period_start_day)
+            file.store = store
+            image = store._db.serialize()
+        self._file = file
+        self.memory = UsageStore(":memory:", file.thresholds, file.period_start_day)
+        if image is not None:
+            self.memory._db.deserialize(_unwal(image))
+        # The file holds what memory holds, or is set aside before memory is written into it.
+        self._seeded = image is not None
+        self._broken = file.store is None
+        self._recovering = False
+        self._reported = False
+        self._next_retry = time.monotonic() + retry_s
+        self.retry_s = retry_s
         self._on_alert = on_alert
+        self._on_problem = on_problem
         self._clock = clock
-        self._lock = threading.Lock()
         # modem id -> ICCID of its last recorded reading
         self._last: dict[str, str] = {}
         self._quotas: set[str] = set()
         self._pools: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._remote: dict[str, dict[str, int]] = {}
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        on_alert: Callable[[QuotaAlert], None],
+        *,
+        thresholds: tuple[int, ...] = (50, 75, 90),
+        period_start_day: int = 1,
+        on_problem: ProblemCallback | None = None,
+        clock: Callable[[], float] = time.time,
+        retry_s: float = RETRY_S,
+    ) -> UsageTracker:
+        """Open the usage file on its writer thread; never raises for a file that fails (the
+        tracker then counts in memory, seeded from the file if it can still be read)."""
+        file = UsageFile(path, thresholds, period_start_day)
+        error: BaseException | None = None
+        try:
+            image = await asyncio.wait_for(file.submit(file.open_sync), STORE_TIMEOUT_S)
+        except (UsageStoreError, OSError, sqlite3.Error, TimeoutError) as exc:
+            error = exc
+            try:
+                image = await asyncio.wait_for(file.submit(read_image, path), STORE_TIMEOUT_S)
+            except TimeoutError:
+                image = None
+        tracker = cls(
+            None,
+            on_alert,
+            clock=clock,
+            on_problem=on_problem,
+            file=file,
+            image=image,
+            retry_s=retry_s,
+        )
+        if error is not None:
+            tracker._failed(error)
+        return tracker
+
+    @property
+    def store(self) -> UsageStore | None:
+        """The file store while it works; None while usage is counted in memory only."""
+        return self._file.store
+
+    @property
+    def degraded(self) -> bool:
+        """True while the file has failed and usage lives in memory only."""
+        return self._broken
+
+    async def close(self) -> None:
+        """Finish queued writes (bounded) and close the file."""
+        await self._file.close(STORE_TIMEOUT_S)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -66,21 +158,31 @@ class UsageTracker:
         a size parse_size rejects (load_config has already checked them).
         """
         quotas = {normalize_iccid(k): parse_size(v) for k, v in cfg.quotas.items()}
-        pools = [(p, parse_size(p.quota_bytes)) for p in cfg.pools]
-        with self._lock:
-            self.store.thresholds = tuple(sorted(cfg.alert_thresholds))
-            self.store.period_start_day = cfg.period_start_day
-            for iccid in self._quotas - quotas.keys():
-                self.store.set_quota(iccid, None)
+        pools = [
+            (p.name, [normalize_iccid(m) for m in p.members], parse_size(p.quota_bytes))
+            for p in cfg.pools
+        ]
+        thresholds = tuple(sorted(cfg.alert_thresholds))
+        dropped = self._quotas - quotas.keys()
+
+        def apply(store: UsageStore) -> None:
+            store.thresholds = thresholds
+            store.period_start_day = cfg.period_start_day
+            for iccid in dropped:
+                store.set_quota(iccid, None)
             for iccid, quota in quotas.items():
-                self.store.set_quota(iccid, quota)
-            for pool, quota in pools:
-                members = [normalize_iccid(m) for m in pool.members]
-                self.store.define_pool(pool.name, members, quota)
+                store.set_quota(iccid, quota)
+            for name, members, quota in pools:
+                store.define_pool(name, members, quota)
+
+        apply(self.memory)
+        self._file.thresholds = thresholds
+        self._file.period_start_day = cfg.period_start_day
+        self._persist_later(apply)
         self._quotas = set(quotas)
         self._pools = {
             p.name: (frozenset(normalize_iccid(m) for m in p.members), frozenset(p.devices))
-            for p, _ in pools
+            for p in cfg.pools
         }
         self._remote = {name: self._remote.get(name, {}) for name in self._pools}
         log.info("usage_config_applied", quotas=len(quotas), pools=len(self._pools))
@@ -98,7 +200,7 @@ class UsageTracker:
         """Record one counter reading of a modem for its current profile; returns new alerts.
 
         new_session: the caller knows the counter restarted (context re-activated, modem reset).
-        Nothing is recorded without both an ICCID and counters.
+        Nothing is recorded without both an ICCID and counters. Never raises for the file.
         """
         if iccid is None or counters is None:
             return []
@@ -108,21 +210,31 @@ class UsageTracker:
         switched = last is not None and last != iccid
         if switched:
             log.info("usage_profile_changed", modem=modem_id, old=last, new=iccid)
-        at = self._clock()
-        alerts = await self._in_thread(self._record, iccid, rx, tx, at, new_session or switched)
+        at, fresh = self._clock(), new_session or switched
+
+        def op(store: UsageStore) -> list[QuotaAlert]:
+            return self._record(store, iccid, (rx, tx), at, new_session=fresh)
+
+        alerts = op(self.memory)
         self._last[modem_id] = iccid
+        await self._persist(op)
         self._deliver(alerts)
         return alerts
 
     def _record(
-        self, iccid: str, rx: int, tx: int, at: float, new_session: bool
+        self,
+        store: UsageStore,
+        iccid: str,
+        counters: tuple[int, int],
+        at: float,
+        *,
+        new_session: bool,
     ) -> list[QuotaAlert]:
-        with self._lock:
-            alerts = self.store.record_counters(iccid, rx, tx, at, new_session=new_session)
-            for name, (members, _) in self._pools.items():
-                if iccid in members:
-                    alerts += self.store.pool_alerts(name, self._remote.get(name, {}), at)
-            return alerts
+        alerts = store.record_counters(iccid, *counters, at, new_session=new_session)
+        for name, (members, _) in self._pools.items():
+            if iccid in members:
+                alerts += store.pool_alerts(name, self._remote.get(name, {}), at)
+        return alerts
 
     async def remote_usage(self, pool: str, device: str, used_bytes: int) -> list[QuotaAlert]:
         """Another device's usage of a shared pool this period; returns the pool's new alerts.
@@ -135,13 +247,11 @@ class UsageTracker:
             return []
         self._remote.setdefault(pool, {})[device] = int(used_bytes)
         remote = dict(self._remote[pool])
-        alerts = await self._in_thread(self._pool_alerts, pool, remote, self._clock())
+        op = partial(_pool_alerts, pool, remote, self._clock())
+        alerts = op(self.memory)
+        await self._persist(op)
         self._deliver(alerts)
         return alerts
-
-    def _pool_alerts(self, pool: str, remote: Mapping[str, int], at: float) -> list[QuotaAlert]:
-        with self._lock:
-            return self.store.pool_alerts(pool, remote, at)
 
     def forget_modem(self, modem_id: str) -> None:
         """Drop what the tracker remembers of a modem (removed from the configuration)."""
@@ -150,12 +260,10 @@ class UsageTracker:
     # --- reporting -----------------------------------------------------------------------
 
     def snapshot(self, iccid: str) -> dict[str, Any]:
-        """JSON-ready usage of one profile this period (for MQTT and status); quick SQLite read."""
-        with self._lock:
-            usage = self.store.totals(normalize_iccid(iccid))
-            start_day = self.store.period_start_day
+        """JSON-ready usage of one profile this period (for MQTT and status), from memory."""
+        usage = self.memory.totals(normalize_iccid(iccid))
         out: dict[str, Any] = msgspec.to_builtins(usage)
-        out["period_start"] = period_start(usage.period, start_day)
+        out["period_start"] = period_start(usage.period, self.memory.period_start_day)
         return out
 
     def pool_snapshot(self, pool: str) -> dict[str, Any]:
@@ -163,24 +271,102 @@ class UsageTracker:
         if pool not in self._pools:
             raise KeyError(pool)
         at = self._clock()
-        with self._lock:
-            usage = self.store.pool_totals(pool, dict(self._remote.get(pool, {})), at)
-            start_day = self.store.period_start_day
+        usage = self.memory.pool_totals(pool, dict(self._remote.get(pool, {})), at)
         out: dict[str, Any] = msgspec.to_builtins(usage)
-        out["period_start"] = period_start(usage.period, start_day)
+        out["period_start"] = period_start(usage.period, self.memory.period_start_day)
         return out
 
     def current_period(self) -> str:
         """The billing period holding now."""
-        return period_of(self._clock(), self.store.period_start_day)
+        return period_of(self._clock(), self.memory.period_start_day)
+
+    # --- the file ------------------------------------------------------------------------
+
+    async def _persist(self, op: Callable[[UsageStore], object]) -> None:
+        """Apply op to the file too, waiting at most WRITE_WAIT_S; failures are handled here."""
+        if self._broken and not self._recovering:
+            await self._maybe_recover()
+            if self._broken and not self._recovering:
+                return  # memory has it; the next recovery writes the whole ledger
+        fut = self._file.submit(self._file.apply_sync, op)
+        self._track(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), WRITE_WAIT_S)
+        except TimeoutError:
+            log.warning("usage_store_slow", path=str(self._file.path), waited_s=WRITE_WAIT_S)
+        except StoreUnavailable:
+            pass
+        except (UsageStoreError, OSError, sqlite3.Error) as exc:
+            self._failed(exc)
+
+    def _persist_later(self, op: Callable[[UsageStore], object]) -> None:
+        """Queue op for the file without waiting (from synchronous callers)."""
+        if self._broken and not self._recovering:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no running loop: nothing else runs, apply on the spot
+            try:
+                self._file.apply_sync(op)
+            except (UsageStoreError, OSError, sqlite3.Error) as exc:
+                self._failed(exc)
+            return
+        self._track(self._file.submit(self._file.apply_sync, op))
+
+    def _track(self, fut: asyncio.Future[Any]) -> None:
+        self._pending.add(fut)
+        fut.add_done_callback(self._settled)
+
+    def _settled(self, fut: asyncio.Future[Any]) -> None:
+        self._pending.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, StoreUnavailable):
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        """The file failed: count in memory from now on; log and report once per outage."""
+        if self._broken and self._reported:
+            return
+        self._broken = True
+        self._next_retry = time.monotonic() + self.retry_s
+        if self._reported:
+            return
+        self._reported = True
+        detail = {"path": str(self._file.path), "error": str(exc), "retry_s": self.retry_s}
+        log.error("usage_store_failed", counting="memory", **detail)
+        if self._on_problem is not None:
+            try:
+                self._on_problem(detail)
+            except Exception:
+                log.exception("usage_problem_callback_failed")
+
+    async def _maybe_recover(self) -> None:
+        if self._recovering or time.monotonic() < self._next_retry:
+            return
+        self._recovering = True
+        image = self.memory._db.serialize()
+        try:
+            aside = await asyncio.wait_for(
+                self._file.submit(self._file.recover_sync, image, self._seeded), STORE_TIMEOUT_S
+            )
+        except (UsageStoreError, OSError, sqlite3.Error, TimeoutError) as exc:
+            self._next_retry = time.monotonic() + self.retry_s
+            log.info("usage_store_retry_failed", path=str(self._file.path), error=str(exc))
+            return
+        finally:
+            self._recovering = False
+        self._broken = False
+        self._reported = False
+        self._seeded = True
+        log.warning(
+            "usage_store_recovered",
+            path=str(self._file.path),
+            set_aside=str(aside) if aside is not None else None,
+        )
 
     # --- plumbing ------------------------------------------------------------------------
-
-    async def _in_thread(self, fn: Callable[..., list[QuotaAlert]], *args: Any) -> list[QuotaAlert]:
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), STORE_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise UsageTimeout(f"usage database busy for {STORE_TIMEOUT_S} s") from exc
 
     def _deliver(self, alerts: list[QuotaAlert]) -> None:
         for alert in alerts:
@@ -189,3 +375,9 @@ class UsageTracker:
             except Exception:
                 # A failing publisher must not stop accounting; the alert stays in the store.
                 log.exception("usage_alert_callback_failed", subject=alert.subject)
+
+
+def _pool_alerts(
+    pool: str, remote: Mapping[str, int], at: float, store: UsageStore
+) -> list[QuotaAlert]:
+    return store.pool_alerts(pool, remote, at)
