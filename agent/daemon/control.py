@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import resource
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -28,6 +30,12 @@ Handler = Callable[[str, Args], Awaitable[object]]
 CommandFn = Callable[[Args], Awaitable[object]]
 
 MAX_LINE_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32  # our requests nest three levels; msgspec recurses once per level
+MAX_CONNECTIONS = 64
+# Descriptors kept free for everything else (modem ports, probes, MQTT, SQLite, hooks): the
+# connection cap never lets control clients take the daemon's last descriptors.
+RESERVED_FDS = 256
+IDLE_TIMEOUT_S = 30.0  # between requests, and for the rest of a half-sent one
 SOCKET_MODE = 0o660
 DEFAULT_CALL_TIMEOUT_S = 10.0
 # Probing a leftover socket: a live daemon accepts within milliseconds.
@@ -65,6 +73,70 @@ class UnknownCommand(ControlError):
     """The handler does not know this command; raise it from handlers."""
 
 
+class PermissionDenied(ControlError):
+    """The peer is neither root nor the daemon's user or group."""
+
+
+class Busy(ControlError):
+    """Too many control connections are open."""
+
+
+class RequestArgs(dict[str, Any]):
+    """A request's args: a missing one is a BadRequest naming it, not a bare KeyError."""
+
+    def __missing__(self, key: str) -> Any:
+        raise BadRequest(f"missing argument {key!r}")
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of objects/arrays in a JSON text (strings skipped); no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    """The peer's supplementary groups from /proc (best effort: empty when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:] if g.isdigit()}
+    except OSError:
+        pass
+    return set()
+
+
+def default_max_connections() -> int:
+    """MAX_CONNECTIONS, fewer when the descriptor limit leaves less than RESERVED_FDS spare."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, (soft - RESERVED_FDS) // 2))
+
+
 class _Request(msgspec.Struct, forbid_unknown_fields=False):
     cmd: str
     id: int | str | None = None
@@ -99,6 +171,8 @@ def encode_result(request_id: int | str | None, result: object) -> bytes:
 
 def parse_request(line: bytes) -> tuple[int | str | None, str, Args]:
     """Decode one request line into (id, cmd, args); raise BadRequest with the id when known."""
+    if json_depth(line) > MAX_JSON_DEPTH:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         request = msgspec.json.decode(line, type=_Request)
     except msgspec.ValidationError as exc:
@@ -107,11 +181,13 @@ def parse_request(line: bytes) -> tuple[int | str | None, str, Args]:
         raise BadRequest(f"malformed JSON: {exc}") from None
     if not request.cmd:
         raise BadRequest("empty cmd")
-    return request.id, request.cmd, request.args
+    return request.id, request.cmd, RequestArgs(request.args)
 
 
 def _salvage_id(line: bytes) -> int | str | None:
     # Echo the caller's id even on a bad request when the line is at least a JSON object.
+    if json_depth(line) > MAX_JSON_DEPTH:
+        return None
     try:
         raw = msgspec.json.decode(line)
     except msgspec.DecodeError:
@@ -180,12 +256,22 @@ class ControlServer:
         mode: int = SOCKET_MODE,
         max_line: int = MAX_LINE_BYTES,
         handler_timeout: float | None = None,
+        max_connections: int | None = None,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        allowed_uids: frozenset[int] | None = None,
+        allowed_gids: frozenset[int] | None = None,
     ) -> None:
         self.path = path
         self._handler = handler
         self._mode = mode
         self._max_line = max_line
         self._handler_timeout = handler_timeout
+        self._max_connections = max_connections or default_max_connections()
+        self._idle_timeout = idle_timeout
+        # Root, the daemon's own user (the service user under systemd) and its group.
+        self._uids = allowed_uids if allowed_uids is not None else frozenset({0, os.geteuid()})
+        self._gids = allowed_gids if allowed_gids is not None else frozenset({os.getegid()})
+        self._refused = 0
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -237,14 +323,55 @@ class ControlServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _allowed(self, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            pid, uid, gid = peer_credentials(sock)
+        except OSError:
+            return False
+        if uid in self._uids or gid in self._gids:
+            return True
+        if self._gids & _supplementary_groups(pid):
+            return True
+        log.warning("control_peer_refused", pid=pid, uid=uid, gid=gid)
+        return False
+
+    async def _refuse(self, writer: asyncio.StreamWriter, error: ControlError) -> None:
+        """Answer one error line (never waiting long) and hang up."""
+        with contextlib.suppress(ConnectionError, TimeoutError, RuntimeError):
+            writer.write(encode_error(None, error.error_type, error.message))
+            async with asyncio.timeout(1.0):
+                await writer.drain()
+        writer.close()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self._max_connections:
+            # Hang up at once so an open-connection flood holds no descriptors of ours; one
+            # warning per burst, not one per connection.
+            if self._refused == 0:
+                log.warning("control_connections_capped", limit=self._max_connections)
+            self._refused += 1
+            await self._refuse(writer, Busy(f"more than {self._max_connections} connections"))
+            return
+        if self._refused:
+            log.info("control_connections_refused", count=self._refused)
+            self._refused = 0
+        if not self._allowed(writer):
+            await self._refuse(writer, PermissionDenied("not root, nor the daemon's user or group"))
+            return
         self._connections.add(task)
         try:
             while True:
                 try:
-                    line = await reader.readuntil(b"\n")
+                    async with asyncio.timeout(self._idle_timeout):
+                        line = await reader.readuntil(b"\n")
+                except TimeoutError:
+                    log.debug("control_connection_idle", timeout=self._idle_timeout)
+                    return
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
                         await self._write(writer, await self._answer(exc.partial))
@@ -263,6 +390,11 @@ class ControlServer:
         finally:
             self._connections.discard(task)
             writer.close()
+
+    @property
+    def connections(self) -> int:
+        """Control connections open now."""
+        return len(self._connections)
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(data)
