@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,7 +61,9 @@ def flood(path: str) -> list[socket.socket]:
     deadline = time.monotonic() + FLOOD_DEADLINE_S
     for _ in range(FLOOD):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(2.0)
+        # Blocking, so connect() waits for room in the backlog (a socket timeout would make it
+        # fail at once with EAGAIN); SO_SNDTIMEO bounds that wait.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 2, 0))
         held.append(s)
         try:
             s.connect(path)
