@@ -66,7 +66,9 @@ class Session:
         self.broker = broker
         self.bridge = bridge
         self.caller = caller
-        self.reply_topic = f"{bridge.topics.base}/replies/{uuid.uuid4().hex[:8]}"
+        # Outside every device's tree: a topic an authorised caller may choose.
+        self.reply_topic = f"replies/{uuid.uuid4().hex[:12]}"
+        self.last_topic: str | None = None
 
     def cmd_topic(self, name: str) -> str:
         return self.bridge.topics.command(name)
@@ -74,10 +76,15 @@ class Session:
     async def request(
         self, name: str, payload: bytes | dict[str, Any], *, correlation: bytes | None = None
     ) -> tuple[dict[str, Any], object]:
-        """Send one request with a response topic and wait for the answer with matching correlation."""
+        """Send one request with a response topic and wait for the answer with matching correlation.
+
+        Refused requests are answered on the device's fallback topic instead: both are watched,
+        and last_topic says where the answer came.
+        """
         corr = correlation if correlation is not None else uuid.uuid4().bytes
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        async with Watcher(self.broker, self.reply_topic) as w:
+        fallback = f"{self.bridge.topics.root}/cmd/+/response"
+        async with Watcher(self.broker, self.reply_topic, fallback) as w:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = corr
@@ -85,13 +92,14 @@ class Session:
                 self.cmd_topic(name), body, qos=1, properties=props, timeout=10
             )
 
-            def matches(_: bytes) -> bool:
-                return any(getattr(p, "CorrelationData", None) == corr for _, _, _, p in w.messages)
-
-            _, raw, _, props_seen = await w.wait_for(self.reply_topic, matches)
-            for _, raw, _, props_seen in w.messages:
-                if getattr(props_seen, "CorrelationData", None) == corr:
-                    return json.loads(raw), props_seen
+            index = 0
+            async with asyncio.timeout(10):
+                while True:
+                    topic, raw, _, props_seen = await w.message_at(index)
+                    index += 1
+                    if getattr(props_seen, "CorrelationData", None) == corr:
+                        self.last_topic = topic
+                        return json.loads(raw), props_seen
         raise AssertionError("unreachable")
 
 
@@ -210,6 +218,8 @@ async def test_hostile_requests_get_error_responses(
     response, _ = await s.request("switch_layer", payload)
     assert response["ok"] is False
     assert response["error"]["code"] == code
+    # Refused at intake: answered on the device's own topic, never on the one the caller named.
+    assert s.last_topic == f"{s.bridge.topics.root}/cmd/switch_layer/response"
     assert daemon.calls == []
     status, _ = await s.request("status", {"token": TOKEN})
     assert status["ok"] is True
@@ -336,6 +346,7 @@ async def test_too_many_concurrent_commands_are_refused_not_queued(session_facto
         await running.wait_for(lambda: len(started) == 4)
     busy, _ = await s.request("status", {})
     assert busy["error"]["code"] == "busy"
+    assert s.last_topic == f"{s.bridge.topics.root}/cmd/status/response"
     release.set()
     results = await asyncio.wait_for(asyncio.gather(*pending), 10)
     assert all(r["ok"] for r, _ in results)

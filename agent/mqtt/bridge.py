@@ -18,8 +18,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.backoff import backoff_delay
 from agent.mqtt import discovery
-from agent.mqtt.commands import CommandContext, CommandHandler, CommandPolicy, execute
-from agent.mqtt.payloads import COMMANDS, CommandResponse, ErrorBody, encode
+from agent.mqtt.commands import (
+    CommandContext,
+    CommandHandler,
+    CommandPolicy,
+    execute,
+    rejected_at_intake,
+)
+from agent.mqtt.payloads import COMMANDS, MAX_COMMAND_BYTES, CommandResponse, ErrorBody, encode
 from agent.mqtt.topics import Topics
 
 log = structlog.get_logger(__name__)
@@ -28,6 +34,10 @@ QOS = 1
 MAX_CONCURRENT_COMMANDS = 4
 # MQTT v5 "don't send retained messages at subscribe": a stale retained command must never replay.
 _RETAIN_HANDLING_NONE = 2
+# The largest packet we accept (MQTT 5 CONNECT Maximum Packet Size): the broker drops anything
+# bigger instead of sending it, so a hostile publish never reaches our memory. Requests are at
+# most MAX_COMMAND_BYTES; the rest is room for the topic and properties.
+MAX_PACKET_BYTES = MAX_COMMAND_BYTES + 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +274,7 @@ class MqttBridge:
             protocol=aiomqtt.ProtocolVersion.V5,
             will=aiomqtt.Will(self.topics.availability, b"offline", qos=QOS, retain=True),
             clean_start=True,
+            properties=_connect_properties(),
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             tls_params=tls,
@@ -278,7 +289,11 @@ class MqttBridge:
                 self.topics.availability, b"online", qos=QOS, retain=True, timeout=timeout
             )
             # Subscribed even when commands are disabled so callers get an answer, not a timeout.
-            options = SubscribeOptions(qos=QOS, retainHandling=_RETAIN_HANDLING_NONE)
+            # Retain As Published: a request published with RETAIN while we are subscribed keeps
+            # its flag, so the receiver can refuse it live as well as on replay.
+            options = SubscribeOptions(
+                qos=QOS, retainAsPublished=True, retainHandling=_RETAIN_HANDLING_NONE
+            )
             await client.subscribe(self.topics.command_filter, options=options, timeout=timeout)
             for topic_filter in self._watches:
                 await client.subscribe(topic_filter, qos=QOS, timeout=timeout)
@@ -370,7 +385,7 @@ class MqttBridge:
                 continue
             ctx = self._context(command, message)
             if len(self._command_tasks) >= MAX_CONCURRENT_COMMANDS:
-                self._respond(ctx, _busy(command))
+                self._respond(ctx, _busy(command), self._fallback(command))
                 continue
             task = asyncio.create_task(
                 self._run_command(command, payload, ctx), name=f"mqtt-cmd-{command[:32]}"
@@ -393,9 +408,7 @@ class MqttBridge:
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         if not isinstance(response_topic, str) or not self._usable_response_topic(response_topic):
-            response_topic = self.topics.command_response(
-                command if command in COMMANDS else "unknown"
-            )
+            response_topic = self._fallback(command)
         return CommandContext(
             command=command,
             topic=message.topic.value,
@@ -407,12 +420,27 @@ class MqttBridge:
             sender=None,
         )
 
+    def _fallback(self, command: str) -> str:
+        """The device's own response topic for a command (`unknown` for names we do not know)."""
+        return self.topics.command_response(command if command in COMMANDS else "unknown")
+
     def _usable_response_topic(self, topic: str) -> bool:
-        """A response topic must be publishable and must not overwrite our own state topics."""
-        if not topic or len(topic) > 1024 or any(ch in topic for ch in "+#\x00"):
+        """A caller's response topic we may publish on: a plain topic outside every device's
+        tree (ours included, but for replies under our own `cmd/<name>/`), outside Home
+        Assistant discovery and outside the broker's `$` topics."""
+        if not topic or len(topic.encode("utf-8")) > 1024 or any(ch in topic for ch in "+#\x00"):
             return False
-        root = self.topics.root + "/"
-        return not topic.startswith(root) or topic.startswith(root + "cmd/")
+        if topic.startswith("$"):
+            return False
+        prefix = self.settings.discovery_prefix
+        if prefix and (topic == prefix or topic.startswith(prefix + "/")):
+            return False
+        base = self.topics.base
+        if topic == base or topic.startswith(base + "/"):
+            own = self.topics.root + "/cmd/"
+            # <root>/cmd/<name> itself is a request topic: a reply there would be a request.
+            return topic.startswith(own) and "/" in topic.removeprefix(own)
+        return True
 
     async def _run_command(self, command: str, payload: bytes, ctx: CommandContext) -> None:
         """Execute one request and queue its response."""
@@ -424,15 +452,26 @@ class MqttBridge:
             handler=self._handler,
             timeout=self.settings.command_timeout,
         )
-        self._respond(ctx, response)
+        # An unauthorised or malformed request chooses nothing, its response topic included.
+        topic = self._fallback(command) if rejected_at_intake(response) else None
+        self._respond(ctx, response, topic)
 
-    def _respond(self, ctx: CommandContext, response: CommandResponse) -> None:
-        """Queue a response with the request's correlation data."""
+    def _respond(
+        self, ctx: CommandContext, response: CommandResponse, topic: str | None = None
+    ) -> None:
+        """Queue a response with the request's correlation data (on topic, if given)."""
         props: Properties | None = None
         if ctx.correlation_data is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = ctx.correlation_data
-        self._enqueue(_Outgoing(ctx.response_topic, encode(response), props))
+        self._enqueue(_Outgoing(topic or ctx.response_topic, encode(response), props))
+
+
+def _connect_properties() -> Properties:
+    """CONNECT properties: the Maximum Packet Size the broker must respect towards us."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.MaximumPacketSize = MAX_PACKET_BYTES
+    return props
 
 
 def _busy(command: str) -> CommandResponse:

@@ -24,6 +24,27 @@ from agent.mqtt.payloads import (
 log = structlog.get_logger(__name__)
 
 
+# Codes decode_request (and the bridge's concurrency cap) answer before a request is known to be
+# authorised and well-formed: such answers go only to the device's own fallback response topic.
+INTAKE_CODES = frozenset(
+    {
+        "commands_disabled",
+        "unknown_command",
+        "command_not_allowed",
+        "payload_too_large",
+        "invalid_payload",
+        "invalid_json",
+        "unauthorized",
+        "busy",
+    }
+)
+
+
+def rejected_at_intake(response: CommandResponse) -> bool:
+    """True when the response refuses a request that never passed intake."""
+    return not response.ok and response.error is not None and response.error.code in INTAKE_CODES
+
+
 class CommandRejected(AgentError):
     """A command refused with a stable error `code` (raised by intake or by the handler)."""
 
