@@ -252,8 +252,10 @@ class Caller:
     async def request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self.stack.address is not None
         corr = uuid.uuid4().bytes
+        # Refused requests are answered on the device's own fallback topic, not on ours.
+        fallback = f"{self.stack.topic}/cmd/+/response"
         async with (
-            Watcher(self.stack.address, self.reply) as w,
+            Watcher(self.stack.address, self.reply, fallback) as w,
             aiomqtt.Client(
                 self.stack.address.host,
                 self.stack.address.port,
@@ -269,17 +271,14 @@ class Caller:
                 qos=1,
                 properties=props,
             )
-            found: dict[str, Any] = {}
-
-            def matches(_: bytes) -> bool:
-                for _, raw, _, p in w.messages:
+            index = 0
+            async with asyncio.timeout(STEP_S):
+                while True:
+                    _, raw, _, p = await w.message_at(index)
+                    index += 1
                     if getattr(p, "CorrelationData", None) == corr:
-                        found.update(json.loads(raw))
-                        return True
-                return False
-
-            await w.wait_for(self.reply, matches, STEP_S)
-            return found
+                        found: dict[str, Any] = json.loads(raw)
+                        return found
 
 
 async def test_commands_with_and_without_authorisation(make_stack: StackFactory) -> None:
