@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test lint typecheck check bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+fuzz: $(STAMP)  ## every outside-input entry point, >= 10^6 Hypothesis inputs each (hours)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz -p no:cacheprovider -o timeout=0 tests/test_fuzz_inputs.py
 
 bench: $(STAMP)  ## benchmarks, results as JSON under bench/results/
 	$(PY) -m bench

@@ -43,7 +43,8 @@ _APN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,98}[A-Za-z0-9])?$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ICCID_RE = re.compile(r"^[0-9]{18,22}$")
 _AID_RE = re.compile(r"^[0-9A-Fa-f]{10,32}$")
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+MAX_SIZE = 2**63 - 1  # sizes are stored in SQLite INTEGER columns (64-bit signed)
 _SIZE_UNITS = {
     "b": 1,
     "kb": 10**3,
@@ -277,12 +278,17 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
+        if value > MAX_SIZE:
+            raise ValueError("a size must fit in 64 bits")
         return value
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.match(value) if isinstance(value, str) and len(value) <= 64 else None
     if not m:
-        raise ValueError(f"cannot read {value!r} as a size (try 10000000 or '10 GB')")
+        raise ValueError(f"cannot read {str(value)[:64]!r} as a size (try 10000000 or '10 GB')")
     unit = (m.group(2) or "B").lower()
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    size = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not size <= MAX_SIZE:
+        raise ValueError("a size must fit in 64 bits")
+    return int(size)
 
 
 def normalize_iccid(value: str) -> str:
@@ -538,7 +544,9 @@ def probe_target_problem(kind: str, target: str) -> str | None:
     """Why a probe target cannot work for its kind, or None when it looks right."""
     if kind == "tcp":
         host, sep, port = target.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not (sep and host and port.isascii() and port.isdigit() and len(port) <= 5) or not (
+            0 < int(port) < 65536
+        ):
             return "a tcp target is host:port, e.g. '1.1.1.1:443'"
     elif kind == "http":
         if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", target):
@@ -596,6 +604,14 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(file, None, "is a directory") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, None, f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, None, "not UTF-8 text") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts (4,300 digits)
+        raise ConfigError(file, None, f"invalid TOML: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ConfigError(file, None, "invalid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(file, None, f"cannot read: {exc.strerror or exc}") from None
     return parse_config(data, file)
 
 

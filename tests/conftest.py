@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from hw_fixtures.testing import EmulatorHandle, start_emulator
+
+# Hypothesis budgets: "default" in CI (each property's own max_examples, else 100), "fuzz" for
+# `make fuzz` (a million inputs per target, no deadline). HYPOTHESIS_PROFILE selects.
+settings.register_profile(
+    "fuzz",
+    max_examples=1_000_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

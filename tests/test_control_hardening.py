@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.daemon.control import CommandTable, ControlServer, control_call, json_depth
+from agent.daemon.control import CommandTable, ControlServer, control_call
+from agent.limits import json_depth
 
 NOBODY = 65534
 

@@ -132,15 +132,22 @@ def classify_final(line: str) -> str | None:
     return None
 
 
+MAX_ERROR_CODE_DIGITS = 6  # 27.007 codes are below 1000; vendors' reach the tens of thousands
+
+
 def parse_error_code(line: str) -> tuple[int | None, str | None]:
-    """Split '+CME ERROR: 10' / '+CME ERROR: SIM not inserted' into (code, text)."""
+    """Split '+CME ERROR: 10' / '+CME ERROR: SIM not inserted' into (code, text).
+
+    A "number" too long to be a code (or made of non-ASCII digits) is kept as text, so a
+    garbled line can never raise here.
+    """
     _, _, rest = line.partition(":")
     rest = rest.strip().strip('"').strip()
     if not rest:
         return None, None
-    if rest.isdigit():
+    if rest.isascii() and rest.isdigit() and len(rest) <= MAX_ERROR_CODE_DIGITS:
         return int(rest), None
-    return None, rest
+    return None, rest[:256]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import msgspec
 import structlog
 
 from agent.errors import AgentError
+from agent.limits import MAX_JSON_DEPTH, json_depth
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +31,6 @@ Handler = Callable[[str, Args], Awaitable[object]]
 CommandFn = Callable[[Args], Awaitable[object]]
 
 MAX_LINE_BYTES = 64 * 1024
-MAX_JSON_DEPTH = 32  # our requests nest three levels; msgspec recurses once per level
 MAX_CONNECTIONS = 64
 # Descriptors kept free for everything else (modem ports, probes, MQTT, SQLite, hooks): the
 # connection cap never lets control clients take the daemon's last descriptors.
@@ -86,28 +86,6 @@ class RequestArgs(dict[str, Any]):
 
     def __missing__(self, key: str) -> Any:
         raise BadRequest(f"missing argument {key!r}")
-
-
-def json_depth(data: bytes) -> int:
-    """Deepest nesting of objects/arrays in a JSON text (strings skipped); no recursion."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return deepest
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

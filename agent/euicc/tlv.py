@@ -132,10 +132,15 @@ def find_all(items: Iterable[Tlv], tag: int) -> list[Tlv]:
     return [i for i in items if i.tag == tag]
 
 
+MAX_INT_BYTES = 8  # every INTEGER in SGP.22 (result codes, sequence numbers) fits in 64 bits
+
+
 def decode_int(value: bytes) -> int:
-    """A BER INTEGER value (two's complement)."""
+    """A BER INTEGER value (two's complement) of at most MAX_INT_BYTES bytes."""
     if not value:
         raise TlvError("empty INTEGER", value)
+    if len(value) > MAX_INT_BYTES:
+        raise TlvError(f"INTEGER of {len(value)} bytes (at most {MAX_INT_BYTES})", value[:16])
     return int.from_bytes(value, "big", signed=True)
 
 

@@ -107,6 +107,9 @@ class AtCommander(Protocol):
 _HEX_RE = re.compile(r"^[0-9A-Fa-f]*$")
 
 
+MAX_SESSION_CHARS = 16  # a 64-bit token in hex (Sierra) is the longest any modem sends
+
+
 def parse_session_id(lines: Sequence[str]) -> str:
     """The CCHO session id: `+CCHO: <id>`, `+CCHO:<id>`, `+CCHO: "<id>"` or a bare token line."""
     for line in lines:
@@ -115,8 +118,10 @@ def parse_session_id(lines: Sequence[str]) -> str:
             text = text.split(":", 1)[1] if ":" in text else ""
         token = text.strip().strip('"').strip()
         if token and _HEX_RE.match(token):
+            if len(token) > MAX_SESSION_CHARS:
+                raise ParseError("CCHO session id too long", token[:64])
             return token
-    raise ParseError("no session id in CCHO reply", "\n".join(lines))
+    raise ParseError("no session id in CCHO reply", "\n".join(lines)[:256])
 
 
 def parse_apdu_reply(lines: Sequence[str], prefix: str) -> bytes:
@@ -151,7 +156,7 @@ def cgla_command(session: str, apdu: bytes) -> str:
 def channel_for_session(session: str) -> int:
     """Logical channel for the CLA: a small decimal session id is taken as the channel itself;
     opaque ids (Sierra's 64-bit tokens) get 0 because those modems route by session id."""
-    if session.isdigit() and 1 <= int(session) <= 19:
+    if session.isascii() and session.isdigit() and len(session) <= 2 and 1 <= int(session) <= 19:
         return int(session)
     return 0
 

@@ -12,6 +12,7 @@ import msgspec
 import structlog
 
 from agent.errors import AgentError, ConfigError, Es10Error
+from agent.limits import MAX_JSON_DEPTH, too_deep
 from agent.mqtt.payloads import (
     COMMANDS,
     MAX_COMMAND_BYTES,
@@ -94,7 +95,7 @@ _CREDENTIAL_FIELDS = ("token", "sender", "request_id")
 
 def peek_request_id(payload: bytes) -> str | None:
     """Best-effort request_id from a payload that may fail validation, so errors can echo it."""
-    if len(payload) > MAX_COMMAND_BYTES:
+    if len(payload) > MAX_COMMAND_BYTES or too_deep(payload):
         return None
     try:
         obj = msgspec.json.decode(payload)
@@ -118,6 +119,8 @@ def decode_request(command: str, payload: bytes, policy: CommandPolicy) -> Reque
         raise CommandRejected("command_not_allowed", f"{command} is not allowed by the config")
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandRejected("payload_too_large", f"payload exceeds {MAX_COMMAND_BYTES} bytes")
+    if too_deep(payload):
+        raise CommandRejected("invalid_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     # An empty body is how a human types "no arguments" in mosquitto_pub.
     body = payload if payload.strip() else b"{}"
     try:
