@@ -228,3 +228,15 @@ async def test_a_locked_file_never_holds_up_sampling_or_snapshots(tmp_path: Path
     await asyncio.sleep(0)
     await tracker.close()
     assert file_total(db, HOME) == 25
+
+
+async def test_a_reading_past_64_bits_is_refused_not_raised(tmp_path: Path) -> None:
+    tracker = await open_tracker(tmp_path / "usage.db", Sink())
+    await feed(tracker, HOME, 0, 100)
+    assert (
+        await tracker.sample("m0", HOME, Counters(rx_bytes=2**64, tx_bytes=0), new_session=False)
+        == []
+    )
+    await feed(tracker, HOME, 150)
+    assert tracker.snapshot(HOME)["total_bytes"] == 150
+    await tracker.close()

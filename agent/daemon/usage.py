@@ -215,7 +215,13 @@ class UsageTracker:
         def op(store: UsageStore) -> list[QuotaAlert]:
             return self._record(store, iccid, (rx, tx), at, new_session=fresh)
 
-        alerts = op(self.memory)
+        try:
+            alerts = op(self.memory)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            # A reading the ledger cannot take (a counter past 64 bits, memory exhausted):
+            # bookkeeping loses one reading, the caller (a poll, a switch) carries on.
+            log.error("usage_sample_refused", modem=modem_id, iccid=iccid, error=str(exc))
+            return []
         self._last[modem_id] = iccid
         await self._persist(op)
         self._deliver(alerts)
@@ -248,7 +254,11 @@ class UsageTracker:
         self._remote.setdefault(pool, {})[device] = int(used_bytes)
         remote = dict(self._remote[pool])
         op = partial(_pool_alerts, pool, remote, self._clock())
-        alerts = op(self.memory)
+        try:
+            alerts = op(self.memory)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            log.error("usage_remote_refused", pool=pool, device=device, error=str(exc))
+            return []
         await self._persist(op)
         self._deliver(alerts)
         return alerts
