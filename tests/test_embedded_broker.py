@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.demo.broker import (
+from hw_fixtures.broker import (
     EmbeddedBroker,
     MqttProtocolError,
     decode_varint,
@@ -547,7 +547,7 @@ async def test_stop_disconnects_clients(broker: EmbeddedBroker) -> None:
 
 def test_module_prints_its_port_first_and_serves() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.demo.broker", "--port", "0"],
+        [sys.executable, "-m", "hw_fixtures.broker", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )

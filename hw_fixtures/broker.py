@@ -1189,8 +1189,8 @@ async def run_broker(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m agent.demo.broker --port N`: prints {"port": N} first, serves until SIGINT/SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m agent.demo.broker", description=__doc__)
+    """`python -m hw_fixtures.broker --port N`: prints {"port": N} first, serves until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m hw_fixtures.broker", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--log-level", default="info")
