@@ -23,8 +23,8 @@ from typing import Any
 
 import hw_fixtures
 from agent.config import Config, config_to_toml, default_demo_config
-from hw_fixtures.broker import EmbeddedBroker
 from agent.demo.mosquitto import MOSQUITTO, MosquittoBroker, Watcher
+from hw_fixtures.broker import EmbeddedBroker
 from hw_fixtures.control_client import AsyncControlClient
 from hw_fixtures.testing import EmulatorHandle, start_emulator
 
