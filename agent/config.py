@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent.errors import ConfigError
+from agent.iccid import ICCID_RULE, is_iccid
 
 EX_CONFIG = 78  # sysexits.h: the CLI exits with this status on ConfigError
 
@@ -41,7 +42,6 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-][A-Za-z0-9_.@+-]{0,14}$")
 # APNs are dot-separated labels (23.003 §9.1) of at most 100 characters in all.
 _APN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,98}[A-Za-z0-9])?$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ICCID_RE = re.compile(r"^[0-9]{18,22}$")
 _AID_RE = re.compile(r"^[0-9A-Fa-f]{10,32}$")
 _SIZE_RE = re.compile(r"^\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 MAX_SIZE = 2**63 - 1  # sizes are stored in SQLite INTEGER columns (64-bit signed)
@@ -377,9 +377,9 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         names.add(layer.name)
         _check(layer.modem in modem_ids, f"{key}.modem", f"no modem with id {layer.modem!r}")
         _check(
-            bool(_ICCID_RE.match(layer.profile)),
+            is_iccid(layer.profile),
             f"{key}.profile",
-            "must be an ICCID of 18-22 digits",
+            f"must be an ICCID ({ICCID_RULE})",
         )
         _validate_apn(layer, key, base_dir)
         primaries += layer.role == "primary"
@@ -474,7 +474,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
     u = cfg.usage
     for iccid, quota in u.quotas.items():
         key = f"usage.quotas.{iccid}"
-        _check(bool(_ICCID_RE.match(iccid)), key, "quota keys must be ICCIDs of 18-22 digits")
+        _check(is_iccid(iccid), key, f"quota keys must be ICCIDs ({ICCID_RULE})")
         _size(quota, key)
     th = u.alert_thresholds
     _check(all(0 < x <= 100 for x in th), "usage.alert_thresholds", "must be percents in 1..100")
@@ -487,7 +487,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         pool_names.add(pool.name)
         _check(bool(pool.members), f"{key}.members", "a pool needs at least one member")
         for j, iccid in enumerate(pool.members):
-            _check(bool(_ICCID_RE.match(iccid)), f"{key}.members[{j}]", "must be an ICCID")
+            _check(is_iccid(iccid), f"{key}.members[{j}]", f"must be an ICCID ({ICCID_RULE})")
         _size(pool.quota_bytes, f"{key}.quota_bytes")
     if cfg.control.socket is not None:
         _check(os.path.isabs(cfg.control.socket), "control.socket", "must be an absolute path")

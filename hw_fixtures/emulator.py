@@ -308,10 +308,15 @@ def _parse_profile(text: str, index: int) -> ProfileSpec:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "hw_fixtures.emulator") -> argparse.ArgumentParser:
     """The argument parser (also used by the CLI's `emulator` subcommand)."""
-    ap = argparse.ArgumentParser(prog="hw_fixtures.emulator", description=__doc__)
-    ap.add_argument("--vendor", choices=sorted(PERSONALITIES), default=None)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
+    ap.add_argument(
+        "--vendor",
+        choices=sorted(PERSONALITIES),
+        default=None,
+        help="personality of every modem (default: the scenario's, or generic)",
+    )
     ap.add_argument("--scenario", help="TOML scenario file")
     ap.add_argument("--modems", type=int, default=1, help="modem count without a scenario")
     ap.add_argument("--control", help="control socket path (default: in a temp dir)")
@@ -321,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="append", default=[], help="ICCID:NAME[:enabled], repeatable"
     )
     ap.add_argument("--fast", action="store_true", help="short delays for tests")
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="log level (default info)",
+    )
     return ap
 
 
@@ -346,17 +356,23 @@ def configs_from_args(args: argparse.Namespace) -> list[ModemConfig]:
     return configs
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "hw_fixtures.emulator") -> int:
     """Run the emulator from the command line; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     from agent import log as agent_log
 
     agent_log.configure(args.log_level)
     try:
         configs = configs_from_args(args)
     except ConfigError as exc:
-        print(f"emulator: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    # Checked before anything starts, so a typo is one line and not a traceback from the pty.
+    if args.link_dir and not os.path.isdir(args.link_dir):
+        parser.error(f"--link-dir {args.link_dir}: no such directory")
+    if args.control and not os.path.isdir(os.path.dirname(os.path.abspath(args.control))):
+        parser.error(f"--control {args.control}: its directory does not exist")
     runtime = tempfile.mkdtemp(prefix="esim-emu-")
     control = args.control or os.path.join(runtime, "control.sock")
     link_dir = args.link_dir or runtime
@@ -369,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run(configs, control, link_dir, announce))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(runtime)

@@ -32,8 +32,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser(
         "demo", help="run the whole agent on the emulator with a scripted failover story"
     )
-    d.add_argument("--json", dest="json_out", default=None, help="write the timeline here")
-    d.add_argument("--workdir", default=None, help="keep logs and config here (default: temp)")
+    d.add_argument(
+        "--json", dest="json_out", default=None, metavar="FILE", help="write the timeline here"
+    )
+    d.add_argument(
+        "--workdir", default=None, metavar="DIR", help="keep logs and config here (default: temp)"
+    )
+    d.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "embedded"),
+        default="auto",
+        help="MQTT broker: Mosquitto when installed (auto, default) or the embedded demo broker",
+    )
     d.set_defaults(handler=_demo)
 
     for name, helptext in (
@@ -68,9 +78,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from agent.demo.run import DemoError
     from agent.demo.run import main as demo_main
 
-    return demo_main(args.json_out, args.workdir)
+    try:
+        return demo_main(args.json_out, args.workdir, args.broker)
+    except DemoError as exc:
+        error(str(exc))
+        return EXIT_RUNTIME
 
 
 def call_daemon(socket: str | None, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:

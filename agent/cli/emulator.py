@@ -9,7 +9,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `emulator` command (parsed by hw_fixtures.emulator itself)."""
     p = sub.add_parser(
         "emulator",
-        help="run the serial modem emulator on a pty (see docs/emulator.md)",
+        help="run the serial modem emulator on a pty (see docs/emulator.md; "
+        "`esim-agent emulator --help` for its options)",
         add_help=False,
     )
     p.set_defaults(handler=_run)
@@ -18,4 +19,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     from hw_fixtures.emulator import main
 
-    return main([])
+    return main([], prog="esim-agent emulator")

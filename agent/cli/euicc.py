@@ -7,7 +7,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.cli.args import add_vendor, iccid, positive_seconds
 from agent.cli.output import error, print_json, print_sections, print_table
+from agent.cli.port import describe
 from agent.errors import AgentError
 
 Action = Callable[[Any, Any], Awaitable[Any]]  # (lpa, modem) -> result
@@ -28,27 +30,41 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     psub = profile.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
     _common(psub.add_parser("list", help="installed profiles")).set_defaults(handler=_list)
     p = _common(psub.add_parser("enable", help="enable a profile (disables the current one)"))
-    p.add_argument("iccid")
-    p.add_argument("--no-refresh", action="store_true", help="do not ask the modem to REFRESH")
+    _iccid_positional(p, "the profile to enable")
+    p.add_argument(
+        "--no-refresh",
+        action="store_true",
+        help="only switch on the card; the modem keeps the old profile until it restarts "
+        "(same as --strategy none)",
+    )
     p.add_argument("--safe", action="store_true", help="verify the new link, roll back if not")
-    p.add_argument("--rollback-timeout", type=float, default=120.0, metavar="S")
+    p.add_argument(
+        "--rollback-timeout",
+        type=positive_seconds,
+        default=120.0,
+        metavar="S",
+        help="with --safe: seconds the new profile has to work before the old one comes back",
+    )
     p.add_argument(
         "--strategy",
         choices=("auto", "none", "refresh", "cfun", "reset"),
         default="auto",
-        help="how the modem takes the new profile (default: the vendor's)",
+        help="how the modem takes the new profile: refresh (the eUICC's REFRESH), cfun "
+        "(radio off/on), reset (modem restart), none (nothing); default auto, the vendor's",
     )
     p.set_defaults(handler=_enable)
     p = _common(psub.add_parser("disable", help="disable a profile (leaves none enabled)"))
-    p.add_argument("iccid")
-    p.add_argument("--no-refresh", action="store_true")
+    _iccid_positional(p, "the profile to disable")
+    p.add_argument(
+        "--no-refresh", action="store_true", help="do not ask the modem to re-read the card"
+    )
     p.set_defaults(handler=_disable)
     p = _common(psub.add_parser("nickname", help="set a profile's nickname"))
-    p.add_argument("iccid")
-    p.add_argument("nickname")
+    _iccid_positional(p, "the profile to name")
+    p.add_argument("nickname", help="the new nickname (at most 64 bytes of UTF-8)")
     p.set_defaults(handler=_nickname)
     p = _common(psub.add_parser("delete", help="delete a disabled profile for good"))
-    p.add_argument("iccid")
+    _iccid_positional(p, "the profile to delete")
     p.add_argument("--yes", action="store_true", help="confirm the deletion")
     p.set_defaults(handler=_delete)
 
@@ -56,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
     _common(nsub.add_parser("list", help="queued notifications")).set_defaults(handler=_nlist)
     p = _common(nsub.add_parser("remove", help="remove a notification (after it was sent)"))
-    p.add_argument("seq", type=int)
+    p.add_argument("seq", type=int, help="the notification's sequence number (from list)")
     p.set_defaults(handler=_nremove)
 
 
@@ -71,15 +87,33 @@ def _aid(text: str) -> str:
     return raw.hex().upper()
 
 
+def _iccid_positional(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "iccid", type=iccid, help=f"{what}: ICCID, 18-20 digits with an optional trailing F"
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", required=True, help="serial port of the modem's AT interface")
     p.add_argument("--json", action="store_true", help="print JSON (stable field names)")
-    p.add_argument("--vendor", default="auto", help="vendor personality (default: detect)")
+    add_vendor(p)
     p.add_argument(
         "--aid", type=_aid, default=None, help="ISD-R AID in hex (removable eUICCs differ)"
     )
-    p.add_argument("--apdu-mode", choices=("auto", "cgla", "csim"), default="auto")
-    p.add_argument("--timeout", type=float, default=120.0, help="overall deadline, s")
+    p.add_argument(
+        "--apdu-mode",
+        choices=("auto", "cgla", "csim"),
+        default="auto",
+        help="how APDUs reach the card: logical channel (AT+CGLA), basic channel (AT+CSIM), "
+        "or auto (default: try CGLA first)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=120.0,
+        metavar="S",
+        help="overall deadline in seconds (default 120)",
+    )
     p.add_argument(
         "--socket",
         default=None,
@@ -92,19 +126,33 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 async def _session(args: argparse.Namespace, action: Action) -> Any:
     """Open the modem and the ISD-R channel, run action, close both whatever happens."""
+    from agent.cli.port import cli_modem
     from agent.euicc.lpa import Lpa
     from agent.euicc.transport import ISD_R_AID, AtApduTransport
-    from agent.modem.driver import open_modem
 
     aid = bytes.fromhex(args.aid) if args.aid else ISD_R_AID
     mode = None if args.apdu_mode == "auto" else args.apdu_mode
-    async with asyncio.timeout(args.timeout), open_modem(args.port, vendor=args.vendor) as modem:
+    async with asyncio.timeout(args.timeout), cli_modem(args.port, args.vendor) as modem:
         transport = AtApduTransport(modem.channel, modem.port, aid=aid, mode=mode)
         async with Lpa(transport) as lpa:
             return await action(lpa, modem)
 
 
 _NOT_ROUTED = object()
+
+
+class DaemonRefused(AgentError):
+    """The daemon that owns the port answered with an error."""
+
+
+def _fail(args: argparse.Namespace, exc: AgentError) -> int:
+    """Report a failure as one line (or JSON); the exit status for a runtime error."""
+    if isinstance(exc, DaemonRefused):
+        error(str(exc), "daemon")
+    else:
+        code, message = describe(exc, args.port)
+        error(message, code)
+    return _EXIT_RUNTIME
 
 
 def _via_daemon(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any]) -> Any:
@@ -124,7 +172,7 @@ def _via_daemon(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any]) ->
     except ControlError as exc:
         if exc.message.startswith("unknown_modem"):
             return _NOT_ROUTED  # the daemon runs, but not on this port
-        raise AgentError(f"{args.port} (via daemon): {exc.message}") from exc
+        raise DaemonRefused(f"{args.port} (via daemon): {exc.message}") from exc
 
 
 def _run(
@@ -138,8 +186,7 @@ def _run(
         try:
             routed = _via_daemon(args, *daemon)
         except AgentError as exc:
-            error(str(exc))
-            return _EXIT_RUNTIME
+            return _fail(args, exc)
         if routed is not _NOT_ROUTED:
             result = convert(routed)
             if args.json:
@@ -149,27 +196,16 @@ def _run(
             return 0
     try:
         result = asyncio.run(_session(args, action))
-    except TimeoutError:
-        error(f"{args.port}: no result within {args.timeout:g} s")
-        return _EXIT_RUNTIME
     except AgentError as exc:
-        error(str(exc))
+        return _fail(args, exc)
+    except TimeoutError:
+        error(f"{args.port}: no result within {args.timeout:g} s", "timeout")
         return _EXIT_RUNTIME
     if args.json:
         print_json(result)
     else:
         render(result)
     return 0
-
-
-def _iccid_arg(text: str) -> str | None:
-    from agent.euicc.iccid import normalize_iccid
-
-    try:
-        return normalize_iccid(text)
-    except ValueError as exc:
-        error(str(exc))
-        return None
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -216,14 +252,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _enable(args: argparse.Namespace) -> int:
-    iccid = _iccid_arg(args.iccid)
-    if iccid is None:
-        return _EXIT_USAGE
+    iccid: str = args.iccid
     try:
         routed = _via_daemon(args, "profile_enable", {"iccid": iccid})
     except AgentError as exc:
-        error(str(exc))
-        return _EXIT_RUNTIME
+        return _fail(args, exc)
     if routed is not _NOT_ROUTED:
         # The daemon always switches safely: verified, with rollback.
         import msgspec
@@ -234,9 +267,19 @@ def _enable(args: argparse.Namespace) -> int:
     if args.safe:
         return _safe_enable(args, iccid)
 
-    async def action(lpa: Any, _modem: Any) -> Any:
-        changed = await lpa.enable_profile(iccid, refresh=not args.no_refresh)
-        return {"iccid": iccid, "state": "enabled", "changed": changed}
+    async def action(lpa: Any, modem: Any) -> Any:
+        from agent.cli.progress import spinner
+        from agent.euicc.switch import kick_modem
+
+        strategy = _strategy(args, modem)
+        with spinner(f"enabling {iccid}") as status:
+            changed = await lpa.enable_profile(iccid, refresh=strategy.value != "none")
+            if changed:
+                # Without this a Sierra or Dell modem keeps searching on the old profile's
+                # settings until someone resets it: the card switched, the modem did not.
+                status.update(f"{iccid} enabled; the modem takes it ({strategy.value})")
+                await kick_modem(modem, strategy)
+        return {"iccid": iccid, "state": "enabled", "changed": changed, "strategy": strategy.value}
 
     def render(result: Any) -> None:
         note = "" if result["changed"] else " (already enabled)"
@@ -245,38 +288,52 @@ def _enable(args: argparse.Namespace) -> int:
     return _run(args, action, render)
 
 
+def _strategy(args: argparse.Namespace, modem: Any) -> Any:
+    """The refresh strategy the command line asks for: --no-refresh, --strategy, or the vendor's."""
+    from agent.euicc.switch import RefreshStrategy
+
+    if args.no_refresh:
+        return RefreshStrategy.NONE
+    if args.strategy == "auto":
+        return RefreshStrategy.from_vendor(modem.vendor.refresh)
+    return RefreshStrategy(args.strategy)
+
+
 def _safe_enable(args: argparse.Namespace, iccid: str) -> int:
+    from agent.cli.port import cli_modem
+    from agent.cli.progress import spinner
     from agent.euicc.lpa import Lpa
-    from agent.euicc.switch import RefreshStrategy, SafeSwitch, SwitchReport
+    from agent.euicc.switch import SafeSwitch, SwitchReport
     from agent.euicc.transport import ISD_R_AID, AtApduTransport
-    from agent.modem.driver import open_modem
 
     aid = bytes.fromhex(args.aid) if args.aid else ISD_R_AID
     mode = None if args.apdu_mode == "auto" else args.apdu_mode
+    phases = {
+        "enable": f"enabling {iccid}",
+        "refresh": "the modem takes the new profile",
+        "reattach": "waiting for the network to register the new profile",
+        "verify": "verifying the data path",
+        "rollback": "rolling back to the previous profile",
+    }
 
     async def run() -> SwitchReport:
-        async with open_modem(args.port, vendor=args.vendor) as modem:
-            if args.no_refresh:
-                strategy = RefreshStrategy.NONE
-            elif args.strategy == "auto":
-                strategy = RefreshStrategy.from_vendor(modem.vendor.refresh)
-            else:
-                strategy = RefreshStrategy(args.strategy)
-            switch = SafeSwitch(
-                modem,
-                lambda: Lpa(AtApduTransport(modem.channel, modem.port, aid=aid, mode=mode)),
-                strategy=strategy,
-                rollback_timeout=args.rollback_timeout,
-            )
-            return await switch.run(iccid)
+        async with cli_modem(args.port, args.vendor) as modem:
+            with spinner(phases["enable"]) as status:
+                switch = SafeSwitch(
+                    modem,
+                    lambda: Lpa(AtApduTransport(modem.channel, modem.port, aid=aid, mode=mode)),
+                    strategy=_strategy(args, modem),
+                    rollback_timeout=args.rollback_timeout,
+                    on_phase=lambda phase: status.update(phases.get(phase, phase)),
+                )
+                return await switch.run(iccid)
 
     try:
         report = asyncio.run(run())
-    except TimeoutError:
-        error(f"{args.port}: the switch did not finish")
-        return _EXIT_RUNTIME
     except AgentError as exc:
-        error(str(exc))
+        return _fail(args, exc)
+    except TimeoutError:
+        error(f"{args.port}: the switch did not finish", "timeout")
         return _EXIT_RUNTIME
     return _print_report(args, report)
 
@@ -292,9 +349,7 @@ def _print_report(args: argparse.Namespace, report: Any) -> int:
 
 
 def _disable(args: argparse.Namespace) -> int:
-    iccid = _iccid_arg(args.iccid)
-    if iccid is None:
-        return _EXIT_USAGE
+    iccid: str = args.iccid
 
     async def action(lpa: Any, _modem: Any) -> Any:
         await lpa.disable_profile(iccid, refresh=not args.no_refresh)
@@ -309,11 +364,9 @@ def _disable(args: argparse.Namespace) -> int:
 
 
 def _nickname(args: argparse.Namespace) -> int:
-    iccid = _iccid_arg(args.iccid)
-    if iccid is None:
-        return _EXIT_USAGE
+    iccid: str = args.iccid
     if len(args.nickname.encode("utf-8")) > 64:
-        error("nickname is limited to 64 bytes of UTF-8")
+        error("nickname is limited to 64 bytes of UTF-8", "usage")
         return _EXIT_USAGE
 
     async def action(lpa: Any, _modem: Any) -> Any:
@@ -329,11 +382,9 @@ def _nickname(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    iccid = _iccid_arg(args.iccid)
-    if iccid is None:
-        return _EXIT_USAGE
+    iccid: str = args.iccid
     if not args.yes:
-        error(f"deleting {iccid} cannot be undone: add --yes to confirm")
+        error(f"deleting {iccid} cannot be undone: add --yes to confirm", "usage")
         return _EXIT_USAGE
 
     async def action(lpa: Any, _modem: Any) -> Any:

@@ -7,10 +7,12 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from agent.cli.args import add_vendor, positive_seconds
 from agent.cli.output import error, print_json, print_sections, print_table
-from agent.errors import AgentError, PortGoneError
+from agent.cli.port import cli_modem, describe
+from agent.cli.progress import spinner
+from agent.errors import AgentError
 from agent.models import ModemInfo, ScanResult
-from agent.modem.driver import open_modem
 
 EXIT_RUNTIME = 1
 T = TypeVar("T")
@@ -27,10 +29,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ):
         q = msub.add_parser(name, help=helptext)
         q.add_argument("--port", required=True, help="serial port of the modem's AT interface")
-        q.add_argument("--vendor", default="auto", help="vendor personality (default: detect)")
+        add_vendor(q)
         q.add_argument("--json", action="store_true", help="print JSON (stable field names)")
         if name == "scan":
-            q.add_argument("--timeout", type=float, default=180.0, help="scan timeout, s")
+            q.add_argument(
+                "--timeout",
+                type=positive_seconds,
+                default=180.0,
+                metavar="S",
+                help="scan deadline in seconds (default 180)",
+            )
         q.set_defaults(handler=handler)
 
 
@@ -49,15 +57,14 @@ def _run(args: argparse.Namespace, work: Coroutine[Any, Any, T]) -> T | None:
     """Run one port session; a failure is one stderr line naming the port, and None."""
     try:
         return asyncio.run(work)
-    except PortGoneError as exc:
-        error(f"{exc.port}: {exc.reason}")
     except AgentError as exc:
-        error(f"{args.port}: {exc}")
+        code, message = describe(exc, args.port)
+        error(message, code)
     return None
 
 
 async def _read_info(port: str, vendor: str) -> ModemInfo:
-    async with open_modem(port, vendor=vendor) as modem:
+    async with cli_modem(port, vendor) as modem:
         return await modem.info()
 
 
@@ -76,8 +83,9 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 async def _run_scan(port: str, vendor: str, timeout: float) -> ScanResult:
-    async with open_modem(port, vendor=vendor) as modem:
-        return await modem.scan(timeout=timeout)
+    async with cli_modem(port, vendor) as modem:
+        with spinner(f"scanning for operators on {port} (up to {timeout:g} s)"):
+            return await modem.scan(timeout=timeout)
 
 
 def render_info(info: ModemInfo) -> None:

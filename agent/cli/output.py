@@ -49,6 +49,27 @@ def print_sections(sections: Sequence[tuple[str, Sequence[tuple[str, object]]]])
             sys.stdout.write(f"  {key.ljust(width)}  {fmt(value)}\n")
 
 
-def error(message: str) -> None:
-    """One line on stderr, prefixed with the program name."""
-    sys.stderr.write(f"esim-agent: {message}\n")
+#: Set by the CLI's entry point when the command line asks for --json: errors become JSON too.
+_json_errors = False
+
+
+def set_json_errors(on: bool) -> None:
+    """Report errors as one JSON object on stdout (for --json) instead of a line on stderr."""
+    global _json_errors  # noqa: PLW0603 - one process, one command line
+    _json_errors = on
+
+
+def json_errors() -> bool:
+    """Whether errors are reported as JSON."""
+    return _json_errors
+
+
+def error(message: str, code: str = "runtime") -> None:
+    """Report an error: one line on stderr, or with --json `{"error": {"code", "message"}}` on stdout.
+
+    Codes are stable: usage, runtime, config, no_daemon, port_busy, not_a_modem, timeout, internal.
+    """
+    if _json_errors:
+        print_json({"error": {"code": code, "message": message}})
+    else:
+        sys.stderr.write(f"esim-agent: {message}\n")

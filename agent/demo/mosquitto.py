@@ -20,7 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from agent.errors import AgentError
+
+#: The broker binary; ESIM_AGENT_MOSQUITTO points the demo and the tests at another one.
+MOSQUITTO = (
+    os.environ.get("ESIM_AGENT_MOSQUITTO") or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+)
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 
@@ -37,6 +42,10 @@ def _password_line(user: str, password: str) -> str:
     salt = secrets.token_bytes(12)
     digest = hashlib.sha512(password.encode() + salt).digest()
     return f"{user}:$6${b64encode(salt).decode()}${b64encode(digest).decode()}\n"
+
+
+class BrokerStartError(AgentError):
+    """The broker could not be started (missing, not executable, exited, or never listened)."""
 
 
 class MosquittoBroker:
@@ -96,12 +105,15 @@ class MosquittoBroker:
             self._proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
             )
+        except OSError as exc:
+            raise BrokerStartError(f"cannot run {MOSQUITTO}: {exc.strerror or exc}") from None
         finally:
             log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log_path.read_text(errors='replace')}")
+                text = self.log_path.read_text(errors="replace").strip()
+                raise BrokerStartError(f"mosquitto exited: {text[-500:]}")
             with (
                 contextlib.suppress(OSError),
                 socket.create_connection((self.host, self.port), 0.2),
@@ -110,7 +122,7 @@ class MosquittoBroker:
             # Nothing to wait on but the port itself: poll it briefly until the deadline.
             time.sleep(0.02)
         self.kill()
-        raise TimeoutError(f"mosquitto did not listen on {self.port} within {START_TIMEOUT_S}s")
+        raise BrokerStartError(f"mosquitto did not listen on {self.port} within {START_TIMEOUT_S}s")
 
     def stop(self) -> None:
         """Stop the broker cleanly (SIGTERM), killing it if it does not exit in time."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.demo.stack import DEMO_ICCIDS, DemoStack
+from agent.demo.stack import DEMO_ICCIDS, DemoStack, mosquitto_available
+from agent.errors import AgentError
+from hw_fixtures.testing import EmulatorStartError
 
 STEP_TIMEOUT_S = 90.0
 PRIMARY, ROAM, EMERGENCY = DEMO_ICCIDS
@@ -93,12 +96,21 @@ def _timeline(transitions: list[dict[str, Any]]) -> None:
         )
 
 
-async def run_demo(workdir: Path, json_out: Path | None = None) -> int:
+class DemoError(AgentError):
+    """The demo could not run (a bad --workdir or --json, or a part that did not start)."""
+
+
+async def run_demo(workdir: Path, json_out: Path | None = None, broker: str = "auto") -> int:
     """Run the scripted scenario; 0 when every step happened as expected."""
     started = time.monotonic()
-    stack = DemoStack(workdir)
+    stack = DemoStack(workdir, broker=broker)
     _say("esim-agent demo: emulator (2 modems, 3 profiles) + MQTT broker + daemon")
-    await stack.start()
+    if broker == "auto" and not mosquitto_available():
+        _say("  (Mosquitto is not installed or not executable: using the embedded demo broker)")
+    try:
+        await stack.start()  # stops whatever it started when a part fails
+    except (AgentError, OSError, EmulatorStartError) as exc:
+        raise DemoError(f"the demo could not start: {exc}") from None
     assert stack.address is not None
     _say(
         f"  broker: {stack.broker_name} on 127.0.0.1:{stack.address.port}; "
@@ -168,9 +180,35 @@ async def run_demo(workdir: Path, json_out: Path | None = None) -> int:
     return 0 if ok else 1
 
 
-def main(json_out: str | None = None, workdir: str | None = None) -> int:
-    """Entry point for the CLI."""
+def check_paths(json_out: str | None, workdir: str | None) -> None:
+    """Refuse a --json file or --workdir the demo could not write, before anything starts."""
+    if json_out is not None:
+        parent = Path(json_out).resolve().parent
+        if not parent.is_dir():
+            raise DemoError(f"--json {json_out}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise DemoError(f"--json {json_out}: folder {parent} is not writable")
+        if Path(json_out).is_dir():
+            raise DemoError(f"--json {json_out}: is a folder, not a file")
     if workdir is not None:
-        return asyncio.run(run_demo(Path(workdir), Path(json_out) if json_out else None))
+        path = Path(workdir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DemoError(f"--workdir {workdir}: {exc.strerror or exc}") from None
+        # os.access is not enough (a read-only mount answers yes to root): try a file.
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise DemoError(f"--workdir {workdir}: not writable ({exc.strerror or exc})") from None
+
+
+def main(json_out: str | None = None, workdir: str | None = None, broker: str = "auto") -> int:
+    """Entry point for the CLI; raises DemoError (one line for the user) when it cannot run."""
+    check_paths(json_out, workdir)
+    out = Path(json_out) if json_out else None
+    if workdir is not None:
+        return asyncio.run(run_demo(Path(workdir), out, broker))
     with tempfile.TemporaryDirectory(prefix="esim-agent-demo-") as tmp:
-        return asyncio.run(run_demo(Path(tmp), Path(json_out) if json_out else None))
+        return asyncio.run(run_demo(Path(tmp), out, broker))

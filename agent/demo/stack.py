@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,8 +43,8 @@ class Address:
 
 
 def mosquitto_available() -> bool:
-    """Whether a Mosquitto binary is installed."""
-    return shutil.which("mosquitto") is not None or Path(MOSQUITTO).exists()
+    """Whether a Mosquitto binary is installed and can be run."""
+    return os.path.isfile(MOSQUITTO) and os.access(MOSQUITTO, os.X_OK)
 
 
 class DemoStack:
@@ -93,7 +92,15 @@ class DemoStack:
         return str(self.workdir / "state" / "control.sock")
 
     async def start(self) -> DemoStack:
-        """Emulator, broker, config, daemon and watcher, in that order."""
+        """Emulator, broker, config, daemon and watcher, in that order; on any failure what was
+        started is stopped again (no orphaned emulator or broker) and the error raised."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> DemoStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.emulator = await asyncio.to_thread(
             start_emulator, "--scenario", str(self.scenario), *self.emulator_args

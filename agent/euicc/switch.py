@@ -102,6 +102,31 @@ class SwitchError(AgentError):
     """A phase of the switch did not complete; the message names it."""
 
 
+async def kick_modem(
+    modem: SwitchModem, strategy: RefreshStrategy, reset_settle_s: float = 10.0
+) -> None:
+    """Make the modem take a newly enabled profile the way its vendor needs (after EnableProfile).
+
+    REFRESH and NONE need nothing here: the eUICC's REFRESH (or the next restart) does it.
+    """
+    if strategy is RefreshStrategy.CFUN:
+        await modem.set_cfun(0)
+        await modem.set_cfun(1)
+    elif strategy is RefreshStrategy.RESET:
+        booted = asyncio.Event()
+        unsubscribe = modem.channel.subscribe(BOOT_URCS, lambda _line: booted.set())
+        try:
+            await modem.set_cfun(1, reset=True)
+            # Commands sent while the modem reboots are lost; its boot URCs say it is back.
+            # Some modems announce nothing: probe() then waits for AT to answer.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(reset_settle_s):
+                    await booted.wait()
+        finally:
+            unsubscribe()
+        await modem.probe()
+
+
 LpaFactory = Callable[[], Lpa]
 Probe = Callable[[], Awaitable[bool]]
 
@@ -136,6 +161,7 @@ class SafeSwitch:
         probe: Probe | None = None,
         poll_s: float = POLL_S,
         reset_settle_s: float = 10.0,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.modem = modem
         self.lpa_factory = lpa_factory
@@ -144,6 +170,7 @@ class SafeSwitch:
         self.probe = probe
         self.poll_s = poll_s
         self.reset_settle_s = reset_settle_s
+        self.on_phase = on_phase
         self._phase = "enable"
         self._iccid_readable = True
 
@@ -163,6 +190,7 @@ class SafeSwitch:
         try:
             if not any(p.iccid == target for p in profiles):
                 raise Es10Error("EnableProfile", 1, "iccidOrAidNotFound")
+            self._enter("enable")
             await self._enable_phase(target, report)
         except Exception as exc:
             # Any failure, ours or not (a probe's bug, a decoder's ValueError): the enable may
@@ -204,6 +232,12 @@ class SafeSwitch:
             report.outcome = "failed"
         return self._done(report, started)
 
+    def _enter(self, phase: str) -> None:
+        # Progress for a person watching (the CLI's spinner); the report keeps the timings.
+        self._phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
     def _done(self, report: SwitchReport, started: float) -> SwitchReport:
         report.total_ms = _ms(started)
         log.info(
@@ -223,22 +257,7 @@ class SafeSwitch:
         report.phases.enable = _ms(t)
 
     async def _kick_modem(self) -> None:
-        if self.strategy is RefreshStrategy.CFUN:
-            await self.modem.set_cfun(0)
-            await self.modem.set_cfun(1)
-        elif self.strategy is RefreshStrategy.RESET:
-            booted = asyncio.Event()
-            unsubscribe = self.modem.channel.subscribe(BOOT_URCS, lambda _line: booted.set())
-            try:
-                await self.modem.set_cfun(1, reset=True)
-                # Commands sent while the modem reboots are lost; its boot URCs say it is back.
-                # Some modems announce nothing: probe() then waits for AT to answer.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.reset_settle_s):
-                        await booted.wait()
-            finally:
-                unsubscribe()
-            await self.modem.probe()
+        await kick_modem(self.modem, self.strategy, self.reset_settle_s)
 
     async def _wait_iccid(self, iccid: str) -> None:
         while self._iccid_readable:
@@ -257,16 +276,16 @@ class SafeSwitch:
 
     async def _attach_phases(self, target: str, report: SwitchReport) -> None:
         t = time.monotonic()
-        self._phase = "refresh"
+        self._enter("refresh")
         await self._kick_modem()
         await self._wait_iccid(target)
         report.phases.refresh = _ms(t)
         t = time.monotonic()
-        self._phase = "reattach"
+        self._enter("reattach")
         await self._wait_registered()
         report.phases.reattach = _ms(t)
         t = time.monotonic()
-        self._phase = "verify"
+        self._enter("verify")
         if self._iccid_readable and await self.modem.read_iccid() != target:
             raise SwitchError("verify: the modem runs another profile than the one enabled")
         if self.probe is not None and not await self.probe():
@@ -277,6 +296,7 @@ class SafeSwitch:
         """Re-enable previous and wait until it is registered; True when it works again."""
         if previous is None:
             return False
+        self._enter("rollback")
         t = time.monotonic()
         try:
             async with asyncio.timeout(self.rollback_timeout):

@@ -57,15 +57,22 @@ class Modem:
         """The serial port path."""
         return self.channel.port
 
-    async def probe(self) -> None:
-        """Wait until the modem answers AT, then switch echo off and enable numeric errors."""
-        for attempt in range(1, PROBE_TRIES + 1):
-            try:
-                await self.channel.command("AT", timeout=PROBE_TIMEOUT_S)
-                break
-            except AtTimeout:
-                if attempt == PROBE_TRIES:
-                    raise
+    async def probe(self, *, answer_within: float | None = None) -> None:
+        """Wait until the modem answers AT, then switch echo off and enable numeric errors.
+
+        answer_within bounds the wait for that first OK (a person at a terminal wants to hear
+        quickly that a port is not a modem); without it a booting modem gets PROBE_TRIES tries.
+        """
+        if answer_within is not None:
+            await self._first_answer(answer_within)
+        else:
+            for attempt in range(1, PROBE_TRIES + 1):
+                try:
+                    await self.channel.command("AT", timeout=PROBE_TIMEOUT_S)
+                    break
+                except AtTimeout:
+                    if attempt == PROBE_TRIES:
+                        raise
         for cmd in ("ATE0", "AT+CMEE=1"):
             await self._try(cmd)
         for cmd in _REG_ENABLE:
@@ -78,6 +85,16 @@ class Modem:
             ident = await self.identity()
             self.vendor = vendor_for_manufacturer(ident.manufacturer)
         log.debug("modem_probed", port=self.port, vendor=self.vendor.name, charset=self._charset)
+
+    async def _first_answer(self, within: float) -> None:
+        """One plain AT answered within `within` seconds, or AtTimeout saying what that means."""
+        try:
+            async with asyncio.timeout(within):
+                await self.channel.command("AT", timeout=within)
+        except TimeoutError:
+            raise AtTimeout(
+                f"{self.port}: no answer to AT within {within:g} s (not a modem's AT port?)", "AT"
+            ) from None
 
     async def _try(self, command: str, *, timeout: float | None = None) -> AtResponse | None:
         """Run a command whose failure only means 'not supported here'; timeouts still raise."""
@@ -366,14 +383,14 @@ def _merge_vendor_signal(sig: Signal, resp: AtResponse) -> None:
 
 @contextlib.asynccontextmanager
 async def open_modem(
-    port: str, *, vendor: str | None = None, probe: bool = True
+    port: str, *, vendor: str | None = None, probe: bool = True, answer_within: float | None = None
 ) -> AsyncIterator[Modem]:
     """Open a port exclusively, probe the modem, and release the port on exit."""
     channel = await AtChannel.open(port)
     modem = Modem(channel, vendor_by_name(vendor) if vendor and vendor != "auto" else None)
     try:
         if probe:
-            await modem.probe()
+            await modem.probe(answer_within=answer_within)
         yield modem
     finally:
         await modem.close()

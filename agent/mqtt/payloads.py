@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent.iccid import ICCID_PATTERN
 from agent.models import Identity, ModemInfo, Operator, Registration, Signal, SimStatus
 
 MAX_COMMAND_BYTES = 16 * 1024
@@ -133,7 +134,7 @@ class Event(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------------------------- commands
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Iccid = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{18,20}[Ff]?$")]
+Iccid = Annotated[str, msgspec.Meta(pattern=ICCID_PATTERN)]
 Token = Annotated[str, msgspec.Meta(max_length=1024)]
 RequestId = Annotated[str, msgspec.Meta(max_length=128)]
 
