@@ -12,7 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent.errors import ConfigError
-from agent.iccid import ICCID_RULE, is_iccid
+from agent.iccid import ICCID_RULE, is_iccid, parse_iccid
 
 EX_CONFIG = 78  # sysexits.h: the CLI exits with this status on ConfigError
 
@@ -292,11 +292,17 @@ def parse_size(value: int | str) -> int:
 
 
 def normalize_iccid(value: str) -> str:
-    """ICCID digits as printed: spaces and dashes removed, a trailing F pad dropped."""
-    digits = value.replace(" ", "").replace("-", "")
-    if digits[-1:] in ("F", "f"):
-        digits = digits[:-1]
-    return digits
+    """ICCID digits as printed: spaces and dashes removed, a trailing F pad dropped; a value
+    that breaks the ICCID rule is kept as written so that validation names it."""
+    try:
+        return parse_iccid(value)
+    except ValueError:
+        return value
+
+
+def _is_iccid(value: str) -> bool:
+    """A normalized ICCID: digits only, by the one rule."""
+    return value.isdigit() and is_iccid(value)
 
 
 def key_from_validation_path(message: str) -> tuple[str | None, str]:
@@ -377,7 +383,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         names.add(layer.name)
         _check(layer.modem in modem_ids, f"{key}.modem", f"no modem with id {layer.modem!r}")
         _check(
-            is_iccid(layer.profile),
+            _is_iccid(layer.profile),
             f"{key}.profile",
             f"must be an ICCID ({ICCID_RULE})",
         )
@@ -474,7 +480,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
     u = cfg.usage
     for iccid, quota in u.quotas.items():
         key = f"usage.quotas.{iccid}"
-        _check(is_iccid(iccid), key, f"quota keys must be ICCIDs ({ICCID_RULE})")
+        _check(_is_iccid(iccid), key, f"quota keys must be ICCIDs ({ICCID_RULE})")
         _size(quota, key)
     th = u.alert_thresholds
     _check(all(0 < x <= 100 for x in th), "usage.alert_thresholds", "must be percents in 1..100")
@@ -487,7 +493,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         pool_names.add(pool.name)
         _check(bool(pool.members), f"{key}.members", "a pool needs at least one member")
         for j, iccid in enumerate(pool.members):
-            _check(is_iccid(iccid), f"{key}.members[{j}]", f"must be an ICCID ({ICCID_RULE})")
+            _check(_is_iccid(iccid), f"{key}.members[{j}]", f"must be an ICCID ({ICCID_RULE})")
         _size(pool.quota_bytes, f"{key}.quota_bytes")
     if cfg.control.socket is not None:
         _check(os.path.isabs(cfg.control.socket), "control.socket", "must be an absolute path")

@@ -212,7 +212,7 @@ def test_unplug_during_a_command_is_one_line_naming_the_port(emu: EmulatorHandle
     before = emu.status()["commands"]
     emu.control("fault", kind="slow", delay=30)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "modem", "info", "--port", emu.port, "--json"],
+        [sys.executable, "-m", "agent", "modem", "info", "--port", emu.port],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -243,14 +243,14 @@ def test_unplugged_port_is_one_line_naming_the_port(emu: EmulatorHandle) -> None
 
 def test_missing_port_is_one_line_naming_the_port(tmp_path: Path) -> None:
     port = str(tmp_path / "ttyUSB9")
-    line = assert_one_line_error(run_cli("modem", "info", "--port", port, "--json"), port)
+    line = assert_one_line_error(run_cli("modem", "info", "--port", port), port)
     assert "no such file" in line.lower()
 
 
 def test_port_held_by_another_process_is_in_use(emu: EmulatorHandle) -> None:
     with serial.Serial(emu.port, timeout=0, exclusive=True):
         started = time.monotonic()
-        result = run_cli("modem", "info", "--port", emu.port, "--json")
+        result = run_cli("modem", "info", "--port", emu.port)
         line = assert_one_line_error(result, emu.port)
         assert "in use" in line
         assert time.monotonic() - started < 10.0

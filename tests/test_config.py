@@ -132,7 +132,7 @@ def test_missing_file(tmp_path: Path) -> None:
             "layers[1].modem",
             "m9",
         ),
-        (('profile = "89000000000000000029"', 'profile = "8900"'), "layers[1].profile", "18-22"),
+        (('profile = "89000000000000000029"', 'profile = "8900"'), "layers[1].profile", "18-20"),
         (('role = "primary"', 'role = "failover"'), "layers", "primary"),
         (
             ('port = "/dev/ttyUSB2"', 'port = "/dev/ttyUSB2"\nimei = "356938035643809"'),
