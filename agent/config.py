@@ -14,6 +14,9 @@ import msgspec
 from agent.errors import ConfigError
 from agent.iccid import ICCID_RULE, is_iccid, parse_iccid
 
+#: The one default control socket, for the daemon and the CLI alike: systemd's
+#: RuntimeDirectory=esim-agent. Shipped examples and docs name this path (a test checks).
+DEFAULT_CONTROL_SOCKET = "/run/esim-agent/control.sock"
 EX_CONFIG = 78  # sysexits.h: the CLI exits with this status on ConfigError
 
 DEFAULT_ISDR_AID = "A0000005591010FFFFFFFF8900000100"
@@ -213,7 +216,7 @@ class UsageConfig(_Section):
 
 
 class ControlConfig(_Section):
-    """The local control socket; None means `<state_dir>/control.sock`."""
+    """The local control socket; None means DEFAULT_CONTROL_SOCKET."""
 
     socket: str | None = None
 
@@ -236,8 +239,8 @@ class Config(_Section):
 
     @property
     def control_socket(self) -> str:
-        """Path of the local control socket, defaulting into state_dir."""
-        return self.control.socket or str(Path(self.state_dir) / "control.sock")
+        """Path of the local control socket (DEFAULT_CONTROL_SOCKET unless configured)."""
+        return self.control.socket or DEFAULT_CONTROL_SOCKET
 
     @property
     def mqtt_client_id(self) -> str:

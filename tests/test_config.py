@@ -78,7 +78,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.mqtt.base_topic == "esim-agent"
     assert cfg.mqtt.commands.enabled is False
     assert cfg.usage.alert_thresholds == [50, 75, 90]
-    assert cfg.control_socket == "/tmp/esim-agent-test/control.sock"
+    assert cfg.control_socket == "/run/esim-agent/control.sock"
     assert EX_CONFIG == 78
 
 

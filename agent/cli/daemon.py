@@ -9,10 +9,10 @@ import sys
 from typing import Any
 
 from agent.cli.output import error, print_json, print_table
-from agent.config import EX_CONFIG, load_config
+from agent.config import DEFAULT_CONTROL_SOCKET, EX_CONFIG, load_config
 from agent.errors import ConfigError
 
-DEFAULT_SOCKET = "/run/esim-agent/control.sock"
+DEFAULT_SOCKET = DEFAULT_CONTROL_SOCKET
 EXIT_RUNTIME = 1
 EXIT_NO_DAEMON = 3
 
@@ -25,7 +25,7 @@ def default_socket() -> str:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the daemon commands."""
     p = sub.add_parser("run", help="run the daemon (as systemd's Type=notify service)")
-    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.set_defaults(handler=_run)
 
@@ -52,7 +52,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("switch", "pin a layer (or --auto to unpin and let the policy choose)"),
     ):
         q = sub.add_parser(name, help=helptext)
-        q.add_argument("--socket", default=None, help=f"control socket (default {DEFAULT_SOCKET})")
+        q.add_argument(
+            "--socket",
+            default=None,
+            help=f"control socket (default $ESIM_AGENT_SOCKET or {DEFAULT_SOCKET})",
+        )
         q.add_argument("--json", action="store_true", help="print JSON")
         if name == "switch":
             g = q.add_mutually_exclusive_group(required=True)

@@ -256,6 +256,9 @@ class ControlServer:
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) with the configured mode and start serving."""
+        # Outside systemd (no RuntimeDirectory=) the default /run/esim-agent may not exist yet.
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
         _replace_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind under a tight umask so the socket is never reachable with wider rights.
