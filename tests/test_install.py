@@ -40,7 +40,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path) -> None:
     )
     assert pip.returncode == 0, pip.stderr
     exe = target / "bin" / "esim-agent"
-    helped = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    helped = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: esim-agent")
     for config in CONFIGS:
@@ -49,6 +51,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
             cwd=tmp_path,  # not the checkout: the installed package must stand alone
         )
         assert checked.returncode == 0, checked.stderr
@@ -74,10 +77,8 @@ def test_unit_runs_the_venv_and_can_read_its_config() -> None:
 
 def test_one_default_control_socket_everywhere() -> None:
     assert DEFAULT_CONTROL_SOCKET == "/run/esim-agent/control.sock"
-    assert (
-        default_socket() == DEFAULT_CONTROL_SOCKET
-        or "ESIM_AGENT_SOCKET" in __import__("os").environ
-    )
+    if "ESIM_AGENT_SOCKET" not in os.environ:
+        assert default_socket() == DEFAULT_CONTROL_SOCKET
     for config in CONFIGS:
         assert load_config(config).control_socket == DEFAULT_CONTROL_SOCKET, config
     shipped = [ROOT / "README.md", *CONFIGS, *(ROOT / "systemd").iterdir()]

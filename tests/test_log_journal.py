@@ -63,5 +63,5 @@ def test_terminal_output_is_human_and_unprefixed() -> None:
         os.close(leader)
     lines = out.decode().splitlines()
     assert len(lines) == 4
-    assert not any(line.startswith("<") or line.startswith("{") for line in lines)
+    assert not any(line.startswith(("<", "{")) for line in lines)
     assert "[warning  ] a_warning" in lines[1]
