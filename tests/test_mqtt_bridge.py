@@ -187,7 +187,26 @@ async def test_home_assistant_discovery(broker: MosquittoBroker, base: str) -> N
             conn_cfg = await w.wait_json(f"{ha}/binary_sensor/dev1_connectivity/config")
         configs = [signal_cfg, reg_cfg, layer_cfg, profile_cfg, conn_cfg]
         assert len({c["unique_id"] for c in configs}) == 5
-        assert all(c["availability_topic"] == f"{base}/dev1/availability" for c in configs)
+        device_availability = {
+            "topic": f"{base}/dev1/availability",
+            "payload_available": "online",
+            "payload_not_available": "offline",
+        }
+        assert all(c["availability"][0] == device_availability for c in configs)
+        assert all(c["availability_mode"] == "all" for c in configs)
+        # A modem's entities also follow that modem's own availability.
+        for cfg in (signal_cfg, reg_cfg):
+            assert cfg["availability"][1]["topic"] == f"{base}/dev1/modems/m1/availability"
+            assert cfg["entity_category"] == "diagnostic"
+        assert len(layer_cfg["availability"]) == 1
+        assert "entity_category" not in layer_cfg
+        # HA >= 2025.10 reads default_entity_id; older releases still read object_id.
+        assert signal_cfg["default_entity_id"] == "sensor.dev1_m1_signal"
+        assert conn_cfg["default_entity_id"] == "binary_sensor.dev1_connectivity"
+        assert signal_cfg["object_id"] == "dev1_m1_signal"
+        assert all(
+            c["origin"]["name"] == "esim-agent" and c["origin"]["sw_version"] for c in configs
+        )
         assert all(c["device"] == signal_cfg["device"] for c in configs)
         assert signal_cfg["state_topic"] == f"{base}/dev1/modems/m1"
         assert signal_cfg["unit_of_measurement"] == "dBm"
@@ -205,6 +224,7 @@ async def test_home_assistant_discovery(broker: MosquittoBroker, base: str) -> N
             await w.wait_for(f"{ha}/sensor/dev1_active_layer/config")
             assert w.latest(f"{ha}/sensor/dev1_m1_signal/config") is None
             assert w.latest(f"{base}/dev1/modems/m1") is None
+            assert w.latest(f"{base}/dev1/modems/m1/availability") is None
 
 
 _CHILD = """

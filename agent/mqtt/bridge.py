@@ -151,6 +151,13 @@ class MqttBridge:
         parts = key.split("/")
         if parts[0] == "modems" and len(parts) == 2:
             self._discover_modem(parts[1])
+            online = _online(payload)
+            if online is not None:
+                # Home Assistant's per-modem availability (discovery.modem_configs).
+                self._set_retained(
+                    self.topics.modem_availability(parts[1]),
+                    (discovery.ONLINE if online else discovery.OFFLINE).encode(),
+                )
         self._set_retained(topic, encode(payload, redacted=self.settings.redact))
 
     def clear_state(self, key: str) -> None:
@@ -163,6 +170,7 @@ class MqttBridge:
                     self.topics, self.settings.discovery_prefix, parts[1]
                 ):
                     self._set_retained(topic, b"")
+            self._set_retained(self.topics.modem_availability(parts[1]), b"")
         # An empty retained payload is MQTT's way to delete; re-sending it after reconnect is harmless.
         self._set_retained(self.topics.key(key), b"")
 
@@ -179,7 +187,7 @@ class MqttBridge:
         """Current retained state as builtins keyed by state key (`state`, `modems/m1`, ...)."""
         prefix = self.topics.root + "/"
         return {
-            topic[len(prefix) :]: msgspec.json.decode(payload)
+            topic[len(prefix) :]: _decoded(payload)
             for topic, payload in self._snapshot.items()
             if topic.startswith(prefix) and payload
         }
@@ -472,6 +480,22 @@ def _connect_properties() -> Properties:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.MaximumPacketSize = MAX_PACKET_BYTES
     return props
+
+
+def _decoded(payload: bytes) -> Any:
+    """A retained payload as builtins: JSON, or the plain text of an availability topic."""
+    try:
+        return msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return payload.decode("utf-8", errors="replace")
+
+
+def _online(payload: msgspec.Struct | Mapping[str, Any]) -> bool | None:
+    """The `online` field of a modem record, None when it has none."""
+    value = (
+        payload.get("online") if isinstance(payload, Mapping) else getattr(payload, "online", None)
+    )
+    return value if isinstance(value, bool) else None
 
 
 def _busy(command: str) -> CommandResponse:

@@ -58,7 +58,13 @@ class ModemState(msgspec.Struct, kw_only=True):
     def from_info(
         cls, modem_id: str, info: ModemInfo, *, port: str | None, online: bool, eid: str | None
     ) -> ModemState:
-        """Build the retained modem record from a driver's ModemInfo."""
+        """Build the retained modem record from a driver's ModemInfo.
+
+        An offline modem keeps its identity but not its measurements: signal, registration and
+        operator are nulled, so nobody reads the last signal of an unplugged modem as current.
+        """
+        if not online:
+            return cls(id=modem_id, port=port, online=False, eid=eid, identity=info.identity)
         return cls(
             id=modem_id,
             port=port,

@@ -72,6 +72,10 @@ class Topics:
         """Retained modem record."""
         return f"{self.root}/modems/{check_segment(modem_id)}"
 
+    def modem_availability(self, modem_id: str) -> str:
+        """Retained `online`/`offline` of one modem (Home Assistant's per-modem availability)."""
+        return f"{self.modem(modem_id)}/availability"
+
     def profiles(self, modem_id: str) -> str:
         """Retained profile list of one modem's eUICC."""
         return f"{self.root}/profiles/{check_segment(modem_id)}"
