@@ -14,6 +14,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; sub-command modules add their own groups."""
+    from agent.cli import check as check_cli
     from agent.cli import daemon as daemon_cli
     from agent.cli import emulator as emulator_cli
     from agent.cli import euicc as euicc_cli
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     modem_cli.register(sub)
     euicc_cli.register(sub)
     daemon_cli.register(sub)
+    check_cli.register(sub)
     emulator_cli.register(sub)
     add_log_level_everywhere(parser)
     return parser

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from agent.config import Config, LayerConfig, load_config, read_secret
+from agent.config import Config, LayerConfig, load_config
 from agent.daemon import sdnotify
 from agent.daemon.control import CommandTable, ControlServer
 from agent.daemon.hooks import run_hooks
@@ -42,6 +42,7 @@ from agent.mqtt.payloads import (
     ProfilesState,
     redact_value,
 )
+from agent.mqtt.reach import settings_from_config
 from agent.policy.engine import (
     Action,
     ActivateLayer,
@@ -807,28 +808,7 @@ class Daemon:
     # ---- MQTT publishing -----------------------------------------------------------------
 
     def _mqtt_settings(self) -> MqttSettings:
-        m = self.cfg.mqtt
-        base = Path(self.config_path).parent if self.config_path else Path.cwd()
-        return MqttSettings(
-            host=m.host,
-            port=m.port,
-            username=m.username,
-            password=read_secret(m.password, m.password_file, base),
-            tls=m.tls is not None,
-            tls_ca=m.tls.ca_file if m.tls else None,
-            tls_cert=m.tls.cert_file if m.tls else None,
-            tls_key=m.tls.key_file if m.tls else None,
-            tls_insecure=m.tls.insecure if m.tls else False,
-            client_id=self.cfg.mqtt_client_id,
-            base_topic=m.base_topic,
-            keepalive=m.keepalive,
-            discovery_prefix=m.discovery_prefix if m.discovery else None,
-            commands_enabled=m.commands.enabled,
-            allowed_commands=frozenset(m.commands.allowed),
-            command_token=read_secret(m.commands.token, m.commands.token_file, base),
-            allowed_senders=frozenset(m.commands.allowed_senders),
-            redact=m.redact,
-        )
+        return settings_from_config(self.cfg, self.config_path)
 
     def _publish(self, key: str, payload: msgspec.Struct | dict[str, Any]) -> None:
         """Publish retained state when it changed (timestamps aside): siblings on metered

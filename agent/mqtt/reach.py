@@ -1,0 +1,78 @@
+"""The broker as the config describes it: settings from the config, and a one-shot reachability
+check with those credentials and that TLS (used by `esim-agent check`)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import aiomqtt
+
+from agent.config import Config, read_secret
+from agent.errors import AgentError
+from agent.mqtt.bridge import MqttSettings
+
+
+class BrokerUnreachable(AgentError):
+    """The broker refused us or could not be reached; the message says which and why."""
+
+
+def settings_from_config(cfg: Config, config_path: str | None) -> MqttSettings:
+    """MqttSettings for cfg; relative secret files are read beside the config file."""
+    m = cfg.mqtt
+    base = Path(config_path).parent if config_path else Path.cwd()
+    return MqttSettings(
+        host=m.host,
+        port=m.port,
+        username=m.username,
+        password=read_secret(m.password, m.password_file, base),
+        tls=m.tls is not None,
+        tls_ca=m.tls.ca_file if m.tls else None,
+        tls_cert=m.tls.cert_file if m.tls else None,
+        tls_key=m.tls.key_file if m.tls else None,
+        tls_insecure=m.tls.insecure if m.tls else False,
+        client_id=cfg.mqtt_client_id,
+        base_topic=m.base_topic,
+        keepalive=m.keepalive,
+        discovery_prefix=m.discovery_prefix if m.discovery else None,
+        commands_enabled=m.commands.enabled,
+        allowed_commands=frozenset(m.commands.allowed),
+        command_token=read_secret(m.commands.token, m.commands.token_file, base),
+        allowed_senders=frozenset(m.commands.allowed_senders),
+        redact=m.redact,
+    )
+
+
+async def check_broker(settings: MqttSettings, timeout: float) -> None:
+    """Connect and disconnect once; BrokerUnreachable with the reason otherwise.
+
+    The client id is a fresh one, never the daemon's: taking over its session would cut a
+    running daemon off the broker.
+    """
+    tls = None
+    if settings.tls or settings.tls_ca or settings.tls_cert or settings.tls_insecure:
+        tls = aiomqtt.TLSParameters(
+            ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key
+        )
+    client = aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=f"esim-agent-check-{secrets.token_hex(4)}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=True,
+        timeout=timeout,
+        tls_params=tls,
+        tls_insecure=settings.tls_insecure if tls is not None else None,
+    )
+    where = f"{settings.host}:{settings.port}"
+    try:
+        async with client:
+            pass
+    except aiomqtt.MqttCodeError as exc:
+        raise BrokerUnreachable(f"{where} refused the connection: {exc}") from None
+    except aiomqtt.MqttError as exc:
+        raise BrokerUnreachable(f"{where}: {exc}") from None
+    except OSError as exc:  # TLS files missing or unreadable
+        raise BrokerUnreachable(f"{where}: {exc.strerror or exc}") from None
