@@ -28,7 +28,7 @@ pytestmark = [
 
 PRIMARY, ROAM, EMERGENCY = DEMO_ICCIDS
 STEP_S = 60.0
-ALL_PASS = {i: "pass" for i in evaluate.ORDER} | {"modemmanager": "skip"}
+ALL_PASS = dict.fromkeys(evaluate.ORDER, "pass") | {"modemmanager": "skip"}
 
 
 def run_check(config: Path, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -48,7 +48,7 @@ def statuses(report: dict[str, Any]) -> dict[str, str]:
 
 
 def with_quotas(data: dict[str, Any]) -> None:
-    data.setdefault("usage", {})["quotas"] = {iccid: "10 GB" for iccid in DEMO_ICCIDS}
+    data.setdefault("usage", {})["quotas"] = dict.fromkeys(DEMO_ICCIDS, "10 GB")
 
 
 @pytest.fixture
