@@ -335,3 +335,69 @@ def test_demo_with_a_mosquitto_that_cannot_run_leaves_nothing_behind(tmp_path: P
     assert str(fake) in line
     # The emulator the demo had started is gone with it.
     assert _processes_with(f"ESA_DEMO_MARK={mark}") == []
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, str]:
+    """The CLI with a pty as its terminal (stdout and stderr), as a person runs it."""
+    leader, follower = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=follower,
+        )
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO once the child has closed the pty
+                break
+            if not chunk:
+                break
+            out += chunk
+        code = proc.wait(timeout=CLI_TIMEOUT)
+    finally:
+        os.close(leader)
+    return code, out.decode(errors="replace")
+
+
+def test_long_operations_show_progress_on_a_terminal_only() -> None:
+    with start_emulator(
+        "--vendor",
+        "sierra",
+        "--fast",
+        "--log-level",
+        "warning",
+        "--profile",
+        f"{HOME}:Home:enabled",
+        "--profile",
+        f"{TRAVEL}:Travel",
+    ) as emu:
+        code, screen = run_on_a_terminal("modem", "scan", "--port", emu.port)
+        assert code == 0, screen
+        assert "scanning for operators" in screen
+        code, screen = run_on_a_terminal(
+            "profile", "enable", TRAVEL, "--port", emu.port, "--safe", "--rollback-timeout", "30"
+        )
+        assert code == 0, screen
+        # Every phase of the safe switch, in order, then the outcome.
+        phases = [
+            f"enabling {TRAVEL}",
+            "the modem takes the new profile",
+            "waiting for the network to register the new profile",
+            "verifying the data path",
+        ]
+        positions = [screen.find(p) for p in phases]
+        assert -1 not in positions, screen
+        assert positions == sorted(positions)
+        assert f"switched: {HOME} -> {TRAVEL}" in screen
+        # Not a terminal: nothing but the result.
+        piped = cli("modem", "scan", "--port", emu.port, "--json")
+        assert piped.returncode == 0, piped.stderr
+        assert piped.stderr == ""
+        json.loads(piped.stdout)

@@ -324,7 +324,7 @@ def _safe_enable(args: argparse.Namespace, iccid: str) -> int:
                     lambda: Lpa(AtApduTransport(modem.channel, modem.port, aid=aid, mode=mode)),
                     strategy=_strategy(args, modem),
                     rollback_timeout=args.rollback_timeout,
-                    on_phase=lambda phase: status.update(phases.get(phase, phase)),
+                    on_phase=lambda phase: status.step(phases.get(phase, phase)),
                 )
                 return await switch.run(iccid)
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # rich loads only when a terminal is watching
+    from rich.console import Console
+    from rich.status import Status as RichStatus
 
 
 class Status(Protocol):
@@ -16,18 +20,30 @@ class Status(Protocol):
         """Replace the spinner's text."""
         ...
 
+    def step(self, text: str) -> None:
+        """A step that stays on screen above the spinner (phases of a switch), and the new text."""
+        ...
+
 
 class _Quiet:
     def update(self, text: str) -> None:
         pass
 
+    def step(self, text: str) -> None:
+        pass
+
 
 class _Rich:
-    def __init__(self, status: object) -> None:
+    def __init__(self, console: Console, status: RichStatus) -> None:
+        self._console = console
         self._status = status
 
     def update(self, text: str) -> None:
-        self._status.update(text)  # type: ignore[attr-defined]
+        self._status.update(text)
+
+    def step(self, text: str) -> None:
+        self._console.print(f"  {text}", highlight=False)
+        self._status.update(text)
 
 
 def interactive() -> bool:
@@ -45,4 +61,4 @@ def spinner(text: str) -> Iterator[Status]:
 
     console = Console(stderr=True)
     with console.status(text) as status:
-        yield _Rich(status)
+        yield _Rich(console, status)
