@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        error(str(exc))
+        error(str(exc), "config")
         return EX_CONFIG
     if args.check:
         sys.stdout.write(f"{args.config}: ok\n")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agent.iccid import ICCID_PATTERN
+from agent.iccid import ICCID_PATTERN, parse_iccid
 from agent.models import Identity, ModemInfo, Operator, Registration, Signal, SimStatus
 
 MAX_COMMAND_BYTES = 16 * 1024
@@ -169,12 +169,20 @@ class ProfileEnableCommand(CommandBase, kw_only=True, forbid_unknown_fields=True
     modem: Name
     iccid: Iccid
 
+    def __post_init__(self) -> None:
+        # The rule allows a trailing F pad; the daemon compares digits.
+        self.iccid = parse_iccid(self.iccid)
+
 
 class ProfileDisableCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
     """`cmd/profile_disable`: disable a profile on a modem's eUICC."""
 
     modem: Name
     iccid: Iccid
+
+    def __post_init__(self) -> None:
+        # The rule allows a trailing F pad; the daemon compares digits.
+        self.iccid = parse_iccid(self.iccid)
 
 
 class ProfileNicknameCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
@@ -183,6 +191,10 @@ class ProfileNicknameCommand(CommandBase, kw_only=True, forbid_unknown_fields=Tr
     modem: Name
     iccid: Iccid
     nickname: Annotated[str, msgspec.Meta(max_length=MAX_NICKNAME_BYTES)]
+
+    def __post_init__(self) -> None:
+        # The rule allows a trailing F pad; the daemon compares digits.
+        self.iccid = parse_iccid(self.iccid)
 
 
 class DrillCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
