@@ -180,7 +180,7 @@ async def test_retained_state_and_last_will(make_stack: StackFactory) -> None:
             "homeassistant/binary_sensor/demo_connectivity/config",
             lambda c: c.get("device_class") == "connectivity",
         )
-        assert config["availability_topic"] == f"{stack.topic}/availability"
+        assert config["availability"][0]["topic"] == f"{stack.topic}/availability"
 
         # SIGKILL: no goodbye, the broker publishes the Last Will.
         mark = stack.mark()
