@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import serial
 
-from agent.check import evaluate
+from agent.check import evaluate, system
 from agent.config import config_to_toml, default_demo_config, parse_config
 from agent.daemon.control import control_call
 from agent.demo.mosquitto import MosquittoBroker
@@ -170,3 +173,31 @@ async def test_check_through_the_running_daemon(tmp_path: Path) -> None:
         assert all(m["online"] for m in status["modems"])
     finally:
         await stack.close()
+
+
+def test_a_port_held_by_another_program_fails_the_ports_item(
+    tmp_path: Path, emulator: EmulatorHandle, broker: MosquittoBroker
+) -> None:
+    config = write_config(tmp_path, emulator, broker, "s3cret-pass")
+    m0 = emulator.info["modems"][0]["port"]
+    with serial.Serial(m0, exclusive=True):  # a terminal program left open on the modem
+        code, report = run_check(config)
+    assert code == 1
+    items = {i["id"]: i for i in report["items"]}
+    assert items["ports"]["status"] == "fail"
+    assert f"(pid {os.getpid()})" in items["ports"]["detail"]
+    assert "stop the other program" in items["ports"]["fix"]
+    assert items["modems"]["status"] == "fail"
+    assert "in use by another process" in items["modems"]["detail"]
+    assert items["primary"]["status"] == "skip"
+
+
+@pytest.mark.parametrize(
+    ("when", "status"),
+    [(0.0, "fail"), (datetime(2024, 6, 1, tzinfo=UTC).timestamp(), "fail"), (None, "pass")],
+)
+def test_clock_item(when: float | None, status: str) -> None:
+    verdict = system.clock_item(when)
+    assert verdict.status == status
+    if status == "fail":
+        assert "timedatectl" in (verdict.fix or "")
