@@ -5,6 +5,7 @@ modems that need their vendor's refresh."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -401,3 +402,27 @@ def test_long_operations_show_progress_on_a_terminal_only() -> None:
         assert piped.returncode == 0, piped.stderr
         assert piped.stderr == ""
         json.loads(piped.stdout)
+
+
+async def test_a_port_held_by_the_daemon_names_its_socket(tmp_path: Path) -> None:
+    from agent.demo.stack import DemoStack, mosquitto_available
+
+    broker = "mosquitto" if mosquitto_available() else "embedded"
+    stack = DemoStack(tmp_path / "stack", broker=broker)
+    try:
+        await stack.start()
+        await stack.wait_json("modems/m0", lambda m: m.get("online") is True, 60.0)
+        assert stack.emulator is not None
+        assert stack.daemon is not None
+        port = stack.emulator.info["modems"][0]["port"]
+        for args in (
+            ("profile", "list", "--port", port, "--socket", str(tmp_path / "elsewhere.sock")),
+            ("modem", "info", "--port", port),
+        ):
+            result = await asyncio.to_thread(cli, *args)
+            assert result.returncode == 1
+            line = assert_one_line_error(result)
+            assert f"in use by the esim-agent daemon (pid {stack.daemon.pid})" in line
+            assert f"--socket {stack.socket}" in line
+    finally:
+        await stack.close()

@@ -13,6 +13,7 @@ from agent.check.observe import observe_direct, observe_status, ports_from_statu
 from agent.check.report import CheckItem, CheckReport, make_report
 from agent.config import Config, load_config
 from agent.errors import ConfigError
+from agent.transport.owners import socket_owners
 
 STATUS_TIMEOUT_S = 10.0
 Progress = Callable[[str], None]
@@ -51,7 +52,7 @@ async def run_check(
         seen, probes = observe_status(cfg, status)
         ports = ports_from_status(cfg, status)
         # The daemon owns its modems' ports; anyone else holding them is the problem.
-        owners = system.socket_owners(socket or cfg.control_socket)
+        owners = socket_owners(socket or cfg.control_socket)
         ports_item = system.ports_item(ports, owners)
     else:
         via = "direct"

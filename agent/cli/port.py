@@ -25,12 +25,7 @@ def describe(exc: AgentError, port: str) -> tuple[str, str]:
     from agent.cli.daemon import default_socket
 
     if isinstance(exc, PortBusyError):
-        return (
-            "port_busy",
-            f"{exc.port}: in use by another process. If the esim-agent daemon runs, it owns its "
-            f"modems' ports: go through it with --socket (default {default_socket()}) or use "
-            "`esim-agent status`",
-        )
+        return "port_busy", _busy_message(exc.port, default_socket())
     if isinstance(exc, PortGoneError):
         return "port", f"{exc.port}: {exc.reason}"
     if isinstance(exc, AtTimeout) and exc.command == "AT":
@@ -38,3 +33,23 @@ def describe(exc: AgentError, port: str) -> tuple[str, str]:
     if isinstance(exc, AtTimeout):
         return "timeout", f"{port}: {exc}"
     return "runtime", f"{port}: {exc}" if port not in str(exc) else str(exc)
+
+
+def _busy_message(port: str, default: str) -> str:
+    """Who holds the port; for the esim-agent daemon, the --socket that reaches it."""
+    from agent.transport.owners import is_esim_agent_daemon, listening_sockets, port_holders
+
+    holders = port_holders(port)
+    for pid in sorted(holders):
+        if is_esim_agent_daemon(pid):
+            sockets = listening_sockets(pid)
+            where = f"--socket {sockets[0]}" if sockets else f"--socket (default {default})"
+            return (
+                f"{port}: in use by the esim-agent daemon (pid {pid}), which owns its modems' "
+                f"ports: go through it with {where}"
+            )
+    who = ", ".join(f"{name} (pid {pid})" for pid, name in sorted(holders.items()))
+    return (
+        f"{port}: in use by another process{f' ({who})' if who else ''}. If the esim-agent "
+        f"daemon runs, it owns its modems' ports: go through it with --socket (default {default})"
+    )
