@@ -426,3 +426,9 @@ async def test_a_port_held_by_the_daemon_names_its_socket(tmp_path: Path) -> Non
             assert f"--socket {stack.socket}" in line
     finally:
         await stack.close()
+
+
+def test_a_file_that_is_no_serial_port_says_so() -> None:
+    result = cli("modem", "info", "--port", "/dev/null")
+    assert result.returncode == 1
+    assert assert_one_line_error(result) == "esim-agent: /dev/null: not a serial port"

@@ -160,5 +160,11 @@ def _short_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         if exc.errno == errno.EIO:
             return "I/O error (device unplugged?)"
+        if exc.errno == errno.ENOTTY:
+            return "not a serial port"
         return os.strerror(exc.errno).lower()
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # pyserial wraps termios failures as "Could not configure port: (25, '...')".
+    if f"({errno.ENOTTY}," in text:
+        return "not a serial port"
+    return text
