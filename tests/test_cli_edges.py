@@ -432,3 +432,12 @@ def test_a_file_that_is_no_serial_port_says_so() -> None:
     result = cli("modem", "info", "--port", "/dev/null")
     assert result.returncode == 1
     assert assert_one_line_error(result) == "esim-agent: /dev/null: not a serial port"
+
+
+def test_no_daemon_with_json_is_a_json_error(tmp_path: Path) -> None:
+    result = cli("status", "--json", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 3
+    assert result.stderr == ""
+    body = json.loads(result.stdout)
+    assert body["error"]["code"] == "no_daemon"
+    assert str(tmp_path / "none.sock") in body["error"]["message"]

@@ -105,10 +105,10 @@ def _control(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None
     try:
         return call_daemon(args.socket, cmd, cmd_args)
     except DaemonNotRunning as exc:
-        error(f"no daemon answers on {args.socket or default_socket()}: {exc.message}")
+        error(f"no daemon answers on {args.socket or default_socket()}: {exc.message}", "no_daemon")
         raise SystemExit(EXIT_NO_DAEMON) from None
     except ControlError as exc:
-        error(f"{cmd}: {exc.message}")
+        error(f"{cmd}: {exc.message}", "daemon")
         raise SystemExit(EXIT_RUNTIME) from None
 
 

@@ -67,7 +67,8 @@ def json_errors() -> bool:
 def error(message: str, code: str = "runtime") -> None:
     """Report an error: one line on stderr, or with --json `{"error": {"code", "message"}}` on stdout.
 
-    Codes are stable: usage, runtime, config, no_daemon, port_busy, not_a_modem, timeout, internal.
+    Codes are stable: usage, runtime, config, port, port_busy, not_a_modem, timeout, daemon,
+    no_daemon, internal.
     """
     if _json_errors:
         print_json({"error": {"code": code, "message": message}})
