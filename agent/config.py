@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -33,7 +34,7 @@ VendorHint = Literal["auto", "generic", "quectel", "sierra", "fibocom", "simcom"
 RefreshMode = Literal["auto", "none", "refresh", "cfun", "reset"]
 ApduMode = Literal["auto", "ccho", "csim"]
 Role = Literal["primary", "failover", "emergency"]
-ProbeKind = Literal["tcp", "http", "dns"]
+ProbeKind = Literal["tcp", "http", "dns", "icmp"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 PdpType = Literal["ip", "ipv6", "ipv4v6"]
 CommandName = Literal[
@@ -95,8 +96,9 @@ class ProbeConfig(_Section):
 
     kind: ProbeKind
     target: str
-    interval: float = 10.0
-    timeout: float = 4.0
+    #: The idle round interval; [health] probe_budget may stretch it (docs/health.md).
+    interval: float = 5.0
+    timeout: float = 1.0
     window: int = 5
 
 
@@ -127,6 +129,12 @@ class HealthConfig(_Section):
     down_after: int = 3
     up_after: int = 3
     degraded_ratio: float = 0.5
+    #: After a failed round (or other bad evidence) confirm this soon instead of `interval`.
+    failure_interval: float = 0.5
+    #: Skip a round when the interface received traffic since the last one.
+    traffic_aware: bool = True
+    #: Bytes per layer per day probing may cost at most (0 = no limit); stretches the interval.
+    probe_budget: int = 1_000_000
 
 
 class PolicyConfig(_Section):
@@ -416,6 +424,8 @@ def _validate(cfg: Config, base_dir: Path) -> None:
     _check(h.down_after >= 1, "health.down_after", "must be >= 1")
     _check(h.up_after >= 1, "health.up_after", "must be >= 1")
     _check(0 < h.degraded_ratio <= 1, "health.degraded_ratio", "must be in (0, 1]")
+    _check(0 < h.failure_interval <= 60, "health.failure_interval", "must be in (0, 60] s")
+    _check(0 <= h.probe_budget <= 1 << 50, "health.probe_budget", "must be >= 0 bytes")
     _check(cfg.policy.down_after >= 1, "policy.down_after", "must be >= 1")
     _check(cfg.policy.up_after >= 1, "policy.up_after", "must be >= 1")
 
@@ -565,6 +575,11 @@ def probe_target_problem(kind: str, target: str) -> str | None:
         or re.fullmatch(r"[^:/\s]+(:[0-9]{1,5})?/[^\s]+", target)
     ):
         return "a dns target is 'name@server[:port]' or 'server[:port]/name'"
+    elif kind == "icmp":
+        try:
+            ipaddress.ip_address(target.strip("[]"))
+        except ValueError:
+            return "an icmp target is an IP address, e.g. '9.9.9.9'"
     return None
 
 

@@ -73,7 +73,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert (m.vendor, m.refresh, m.apdu, m.isdr_aid) == ("auto", "auto", "auto", DEFAULT_ISDR_AID)
     assert cfg.layers[1].role == "failover"
     probe = cfg.layers[1].probes[0]
-    assert (probe.interval, probe.timeout, probe.window) == (10.0, 4.0, 5)
+    assert (probe.interval, probe.timeout, probe.window) == (5.0, 1.0, 5)
     assert (cfg.policy.down_after, cfg.policy.up_after) == (1, 1)
     assert cfg.mqtt.base_topic == "esim-agent"
     assert cfg.mqtt.commands.enabled is False

@@ -275,7 +275,8 @@ def test_probe_from_spec_http() -> None:
         ("dns", "example.com"),
         ("dns", "1.1.1.1/" + "a" * 64 + ".com"),
         ("dns", "1.1.1.1/bücher.de"),
-        ("icmp", "1.1.1.1"),
+        ("icmp", "one.one.one.one"),
+        ("smtp", "1.1.1.1:25"),
     ],
 )
 def test_probe_from_spec_rejects_bad_specs(kind: str, target: str) -> None:

@@ -575,7 +575,8 @@ def probe_from_spec(
     kind: str, target: str, timeout: float, link: LinkBinding | None = None
 ) -> Probe:
     """Build a probe from config: tcp `host:port`, http(s) URL, dns `server:port/qname` or
-    `qname@server:port` (port defaults to 53; server `link`: the layer's own DNS servers).
+    `qname@server:port` (port defaults to 53; server `link`: the layer's own DNS servers),
+    icmp: an IP address.
 
     With a `link` the probe leaves through that layer's interface (see LinkBinding)."""
     if timeout <= 0:
@@ -596,4 +597,8 @@ def probe_from_spec(
             raise ProbeSpecError("dns target needs 'server:port/qname' or 'qname@server'", target)
         host, port = split_host_port(server, DEFAULT_DNS_PORT)
         return DnsProbe(host, port, qname, timeout, link)
-    raise ProbeSpecError("unknown probe kind (tcp, http, dns)", kind)
+    if kind == "icmp":
+        from agent.health.icmp import IcmpProbe  # icmp.py imports this module
+
+        return IcmpProbe(target, timeout, link=link)
+    raise ProbeSpecError("unknown probe kind (tcp, http, dns, icmp)", kind)
