@@ -110,6 +110,8 @@ class DetectState(msgspec.Struct, frozen=True, kw_only=True):
     rx: int | None = None
     tx: int | None = None
     rx_grew_at: float | None = None
+    #: When the current stretch without received traffic began (growth or a new baseline).
+    quiet_since: float | None = None
     tx_at_rx: int | None = None
     stall_reported: bool = False
 
@@ -125,8 +127,11 @@ def initial(now: float) -> DetectState:
 
 
 def _schedule(state: DetectState, cfg: DetectConfig, now: float) -> DetectState:
-    gap = min(cfg.failure_interval, cfg.interval) if state.confirming else cfg.interval
-    return replace(state, next_round=now + gap)
+    if state.confirming:
+        return replace(state, next_round=now + min(cfg.failure_interval, cfg.interval))
+    # Regular rounds keep a fixed cadence from round start: a slow round eats into the pause.
+    start = state.last_round if state.last_round is not None else now
+    return replace(state, next_round=max(now, start + cfg.interval))
 
 
 def _negative(state: DetectState, cfg: DetectConfig, at: float, reason: str) -> DetectState:
@@ -179,13 +184,21 @@ def _counters(state: DetectState, cfg: DetectConfig, ev: Evidence) -> DetectStat
         return state
     if state.rx is None or state.tx is None or rx < state.rx or tx < state.tx:
         # First reading, or the counters restarted (interface re-created): a new baseline.
-        return replace(state, rx=rx, tx=tx, rx_grew_at=ev.at, tx_at_rx=tx, stall_reported=False)
+        return replace(state, rx=rx, tx=tx, quiet_since=ev.at, tx_at_rx=tx, stall_reported=False)
     if rx - state.rx >= cfg.traffic_min_bytes:
-        new = replace(state, rx=rx, tx=tx, rx_grew_at=ev.at, tx_at_rx=tx, stall_reported=False)
+        new = replace(
+            state,
+            rx=rx,
+            tx=tx,
+            rx_grew_at=ev.at,
+            quiet_since=ev.at,
+            tx_at_rx=tx,
+            stall_reported=False,
+        )
         return _positive(new, cfg, ev.at)
     # Small rx growth is not traffic: keep the old rx baseline so it can add up.
     new = replace(state, tx=tx)
-    since = state.rx_grew_at if state.rx_grew_at is not None else ev.at
+    since = state.quiet_since if state.quiet_since is not None else ev.at
     sent = tx - (state.tx_at_rx if state.tx_at_rx is not None else tx)
     if (
         not state.stall_reported

@@ -131,6 +131,7 @@ class LayerMonitor:
         )
         self._det: DetectState = detect.initial(time.monotonic())
         self._wake = asyncio.Event()
+        self._round_finished = asyncio.Event()
         self._counters = counters
         self._counters_interval = counters_interval
         self._bytes = [0, 0]
@@ -327,7 +328,16 @@ class LayerMonitor:
             return
         ok = len(failed) < len(tasks)
         reason = "" if ok else f"probes_failing: {', '.join(sorted(failed))}"
+        before = self._det.next_round
         self._det = detect.round_done(self._det, self.detect_config, ok, time.monotonic(), reason)
+        if self._det.next_round < before:
+            self._wake.set()  # check_once ran outside the loop, which sleeps toward `before`
+        finished, self._round_finished = self._round_finished, asyncio.Event()
+        finished.set()
+
+    async def wait_round(self) -> None:
+        """Wait until the next probe round has been recorded (for tools and tests)."""
+        await self._round_finished.wait()
 
     async def _run_probe(self, name: str, probe: Probe) -> ProbeResult:
         at = time.time()

@@ -8,6 +8,7 @@ scale) on SYN and SYN-ACK, as Linux sends them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 IPV4 = 20
@@ -90,6 +91,6 @@ def exchange_bytes(probe: WireProbe, error: str | None = None) -> tuple[int, int
     return 0, 0
 
 
-def round_bytes(probes: list[WireProbe]) -> int:
+def round_bytes(probes: Sequence[WireProbe]) -> int:
     """Bytes both ways of one round in which every probe succeeds."""
     return sum(sum(exchange_bytes(p)) for p in probes)
