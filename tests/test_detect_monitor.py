@@ -203,7 +203,7 @@ async def test_rounds_are_skipped_while_the_network_sends_traffic(server: Http20
     reads = 0
     read_many = asyncio.Event()
 
-    def counters() -> tuple[int, int]:
+    async def counters() -> tuple[int, int]:
         nonlocal reads
         reads += 1
         if reads >= 20:
@@ -226,7 +226,7 @@ async def test_rx_stall_while_sending_starts_confirmation(server: Http204) -> No
     changes = Changes()
     tx = 0
 
-    def counters() -> tuple[int, int]:
+    async def counters() -> tuple[int, int]:
         nonlocal tx
         tx += 5_000  # the user sends; nothing comes back
         return 1_000, tx

@@ -25,7 +25,7 @@ ProbeEntry = tuple[str, Probe, float]
 SignalsSource = Callable[[], Awaitable[ModemSignals]]
 OnChange = Callable[[str, LayerHealth], None]
 #: The layer interface's (rx_bytes, tx_bytes), or None while it cannot be read.
-CountersSource = Callable[[], tuple[int, int] | None]
+CountersSource = Callable[[], Awaitable[tuple[int, int] | None]]
 
 DEFAULT_WINDOW_SIZE = 10
 DEFAULT_SIGNALS_INTERVAL_S = 30.0  # ModemManager's polling period
@@ -268,11 +268,12 @@ class LayerMonitor:
             probe_rx_bytes=self._bytes[1],
         )
 
-    def _read_counters(self) -> None:
+    async def _read_counters(self) -> None:
         if self._counters is None:
             return
         try:
-            reading = self._counters()
+            async with asyncio.timeout(self._signals_timeout):
+                reading = await self._counters()
         except Exception as exc:  # the interface may be gone; rounds must go on
             self._log.debug("layer_counters_failed", error=repr(exc))
             return
@@ -282,7 +283,7 @@ class LayerMonitor:
 
     async def _counters_loop(self) -> None:
         while True:
-            self._read_counters()
+            await self._read_counters()
             await asyncio.sleep(self._counters_interval)
 
     async def _round_loop(self) -> None:
@@ -298,7 +299,7 @@ class LayerMonitor:
                 now = time.monotonic()
                 self._det = replace(self._det, next_round=now + self.detect_config.interval)
                 continue
-            self._read_counters()
+            await self._read_counters()
             now = time.monotonic()
             self._det, plan = detect.plan_round(self._det, self.detect_config, now)
             if plan == "probe":
