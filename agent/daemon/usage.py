@@ -15,6 +15,7 @@ again every RETRY_S seconds, writing the whole ledger back when the file works a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -28,14 +29,19 @@ import structlog
 from agent.config import UsageConfig, normalize_iccid, parse_size
 from agent.errors import AgentError
 from agent.modem.counters import Counters
+from agent.net.linkwatch import CounterReader, LinkCounters, LinkError
 from agent.usage.persist import StoreUnavailable, UsageFile, read_image
-from agent.usage.store import QuotaAlert, UsageStore, UsageStoreError, period_of
+from agent.usage.store import LinkMode, QuotaAlert, UsageStore, UsageStoreError, period_of
 
 log = structlog.get_logger(__name__)
 
 STORE_TIMEOUT_S = 15.0  # opening the file at start, and finishing writes at close
 WRITE_WAIT_S = 2.0  # how long a sample waits for its write before leaving it queued
 RETRY_S = 30.0  # between attempts to bring a failed file back
+#: Interface and modem counters disagree by framing (Ethernet headers on ECM/NCM links, local
+#: ARP/DHCP the modem never forwards) and by when each was read: tolerate this much.
+CROSSCHECK_TOLERANCE_BYTES = 1 << 20
+CROSSCHECK_TOLERANCE_RATIO = 0.10
 
 ProblemCallback = Callable[[dict[str, Any]], None]
 
@@ -81,6 +87,8 @@ class UsageTracker:
         self.memory = UsageStore(":memory:", file.thresholds, file.period_start_day)
         if image is not None:
             self.memory._db.deserialize(_unwal(image))
+            with contextlib.suppress(UsageStoreError, sqlite3.Error):
+                self.memory._migrate()  # tables added since a read-only file was written
         # The file holds what memory holds, or is set aside before memory is written into it.
         self._seeded = image is not None
         self._broken = file.store is None
@@ -97,6 +105,12 @@ class UsageTracker:
         self._pools: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._remote: dict[str, dict[str, int]] = {}
         self._pending: set[asyncio.Future[Any]] = set()
+        # modem id -> (ICCID, ifindex) of its last interface reading, and the readings
+        self._links: dict[str, tuple[str, int]] = {}
+        self._link_prev: dict[str, LinkCounters] = {}
+        self._modem_prev: dict[str, Counters] = {}
+        self._mismatched: set[str] = set()
+        self._readers: dict[str | None, CounterReader] = {}
 
     @classmethod
     async def open(
@@ -146,7 +160,10 @@ class UsageTracker:
         return self._broken
 
     async def close(self) -> None:
-        """Finish queued writes (bounded) and close the file."""
+        """Finish queued writes (bounded) and close the file and the netlink readers."""
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
         await self._file.close(STORE_TIMEOUT_S)
 
     # --- configuration -------------------------------------------------------------------
@@ -242,6 +259,150 @@ class UsageTracker:
                 alerts += store.pool_alerts(name, self._remote.get(name, {}), at)
         return alerts
 
+    async def sample_interface(
+        self,
+        modem_id: str,
+        iccid: str | None,
+        ifname: str,
+        *,
+        netns: str | None = None,
+        modem_counters: Counters | None = None,
+    ) -> list[QuotaAlert]:
+        """Record the modem's network interface counters (netlink) for its current profile.
+
+        Works for every vendor. `modem_counters` (AT+QGDCNT where the vendor has one) is kept as
+        a cross-check only. An unreadable interface records nothing (the next reading's delta
+        covers the gap) and is logged as `usage_link_unreadable`. Never raises for the file.
+        """
+        if iccid is None:
+            return []
+        reader = self._readers.get(netns)
+        if reader is None:
+            reader = self._readers[netns] = CounterReader(netns)
+        try:
+            reading = await reader.read(ifname)
+        except LinkError as exc:
+            log.warning("usage_link_unreadable", modem=modem_id, interface=ifname, error=str(exc))
+            return []
+        return await self.sample_link(modem_id, iccid, reading, modem_counters)
+
+    async def sample_link(
+        self,
+        modem_id: str,
+        iccid: str,
+        reading: LinkCounters,
+        modem_counters: Counters | None = None,
+    ) -> list[QuotaAlert]:
+        """Record one interface reading of a modem for its current profile; returns new alerts.
+
+        The interface counts across profile switches, so a switch starts the new profile from
+        the current reading; an interface re-created (new ifindex) while the daemon watched
+        counts whole for the profile; the first reading after a start continues the stored
+        baseline when it is the same interface (same name and index), else it is a baseline.
+        """
+        iccid = normalize_iccid(iccid)
+        last = self._links.get(modem_id)
+        mode: LinkMode = "delta"
+        if last is not None and last[1] != reading.ifindex:
+            mode = "whole"
+            log.info("usage_link_recreated", modem=modem_id, interface=reading.ifname)
+        elif last is not None and last[0] != iccid:
+            mode = "baseline"
+            log.info("usage_profile_changed", modem=modem_id, old=last[0], new=iccid)
+        at = self._clock()
+        op = partial(self._record_link, iccid, reading, at, mode)
+        try:
+            alerts = op(self.memory)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            log.error("usage_sample_refused", modem=modem_id, iccid=iccid, error=str(exc))
+            return []
+        previous = self._link_prev.get(modem_id)
+        self._links[modem_id] = (iccid, reading.ifindex)
+        self._link_prev[modem_id] = reading
+        await self._persist(op)
+        if modem_counters is not None:
+            prev_modem = self._modem_prev.get(modem_id)
+            self._modem_prev[modem_id] = modem_counters
+            if mode == "delta" and previous is not None and prev_modem is not None:
+                await self._crosscheck(iccid, (previous, reading), (prev_modem, modem_counters), at)
+        self._deliver(alerts)
+        return alerts
+
+    def _record_link(
+        self, iccid: str, reading: LinkCounters, at: float, mode: LinkMode, store: UsageStore
+    ) -> list[QuotaAlert]:
+        alerts = store.record_link(
+            iccid,
+            reading.ifname,
+            reading.ifindex,
+            rx_bytes=reading.rx_bytes,
+            tx_bytes=reading.tx_bytes,
+            at=at,
+            mode=mode,
+        )
+        for name, (members, _) in self._pools.items():
+            if iccid in members:
+                alerts += store.pool_alerts(name, self._remote.get(name, {}), at)
+        return alerts
+
+    async def _crosscheck(
+        self,
+        iccid: str,
+        links: tuple[LinkCounters, LinkCounters],
+        modems: tuple[Counters, Counters],
+        at: float,
+    ) -> None:
+        """Compare what the interface and the modem counted over the same window."""
+        (link_prev, link), (modem_prev, modem) = links, modems
+        link_bytes = link.rx_bytes + link.tx_bytes - link_prev.rx_bytes - link_prev.tx_bytes
+        modem_bytes = modem.rx_bytes + modem.tx_bytes - modem_prev.rx_bytes - modem_prev.tx_bytes
+        if link_bytes < 0 or modem_bytes < 0:
+            return  # one of them restarted in this window: nothing comparable
+
+        def op(store: UsageStore) -> tuple[int, int]:
+            return store.add_crosscheck(iccid, link_bytes, modem_bytes, at)
+
+        try:
+            totals = op(self.memory)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            log.error("usage_crosscheck_refused", iccid=iccid, error=str(exc))
+            return
+        await self._persist(op)
+        if crosscheck_mismatch(*totals):
+            if iccid not in self._mismatched:
+                self._mismatched.add(iccid)
+                log.warning(
+                    "usage_crosscheck_mismatch",
+                    iccid=iccid,
+                    link_bytes=totals[0],
+                    modem_bytes=totals[1],
+                )
+        elif iccid in self._mismatched:
+            self._mismatched.discard(iccid)
+            log.info("usage_crosscheck_agrees", iccid=iccid, link_bytes=totals[0])
+
+    async def record_probe_bytes(self, layer: str, iccid: str | None, tx: int, rx: int) -> None:
+        """Count a layer's probe bytes (LayerMonitor.take_probe_bytes()) against its profile."""
+        if tx <= 0 and rx <= 0:
+            return
+        key = normalize_iccid(iccid) if iccid else "-"
+        at = self._clock()
+
+        def op(store: UsageStore) -> None:
+            store.add_probe_bytes(layer, key, tx, rx, at)
+
+        try:
+            op(self.memory)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            log.error("usage_probe_bytes_refused", layer=layer, error=str(exc))
+            return
+        await self._persist(op)
+
+    def probe_snapshot(self, layer: str) -> dict[str, Any]:
+        """JSON-ready probe bytes of a layer this period (for status), from memory."""
+        out: dict[str, Any] = msgspec.to_builtins(self.memory.probe_totals(layer, self._clock()))
+        return out
+
     async def remote_usage(self, pool: str, device: str, used_bytes: int) -> list[QuotaAlert]:
         """Another device's usage of a shared pool this period; returns the pool's new alerts.
 
@@ -266,6 +427,9 @@ class UsageTracker:
     def forget_modem(self, modem_id: str) -> None:
         """Drop what the tracker remembers of a modem (removed from the configuration)."""
         self._last.pop(modem_id, None)
+        self._links.pop(modem_id, None)
+        self._link_prev.pop(modem_id, None)
+        self._modem_prev.pop(modem_id, None)
 
     # --- reporting -----------------------------------------------------------------------
 
@@ -391,3 +555,11 @@ def _pool_alerts(
     pool: str, remote: Mapping[str, int], at: float, store: UsageStore
 ) -> list[QuotaAlert]:
     return store.pool_alerts(pool, remote, at)
+
+
+def crosscheck_mismatch(link_bytes: int, modem_bytes: int) -> bool:
+    """Whether the interface's and the modem's totals differ beyond framing and timing."""
+    allowed = max(
+        CROSSCHECK_TOLERANCE_BYTES, CROSSCHECK_TOLERANCE_RATIO * max(link_bytes, modem_bytes)
+    )
+    return abs(link_bytes - modem_bytes) > allowed

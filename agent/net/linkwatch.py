@@ -81,7 +81,14 @@ def _counters_of(msg: Any, ifname: str) -> LinkCounters:
 
 
 def read_link(ifname: str, netns: str | None = None) -> LinkCounters:
-    """The interface's counters and index; LinkError when it (or the namespace) is not there."""
+    """The interface's counters and index; LinkError when it (or the namespace) is not there.
+
+    Synchronous: call it from plain code or a worker thread, never from a coroutine (pyroute2's
+    IPRoute runs an event loop of its own); CounterReader is the coroutine-side reader.
+    """
+    with contextlib.suppress(RuntimeError):
+        asyncio.get_running_loop()
+        raise LinkError(f"{ifname}: read_link called on an event loop; use CounterReader")
     try:
         with _open(netns) as ipr:
             msgs = ipr.link("get", ifname=ifname)

@@ -16,6 +16,7 @@ import datetime as dt
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import structlog
@@ -63,7 +64,33 @@ CREATE TABLE IF NOT EXISTS alerts (
     fired_at REAL NOT NULL,
     PRIMARY KEY (subject, period, threshold)
 );
+CREATE TABLE IF NOT EXISTS link_readings (
+    iccid TEXT PRIMARY KEY,
+    ifname TEXT NOT NULL,
+    ifindex INTEGER NOT NULL,
+    rx INTEGER NOT NULL,
+    tx INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS crosscheck (
+    iccid TEXT NOT NULL,
+    period TEXT NOT NULL,
+    link_bytes INTEGER NOT NULL DEFAULT 0,
+    modem_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (iccid, period)
+);
+CREATE TABLE IF NOT EXISTS probe_usage (
+    layer TEXT NOT NULL,
+    iccid TEXT NOT NULL,
+    period TEXT NOT NULL,
+    tx INTEGER NOT NULL DEFAULT 0,
+    rx INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (layer, iccid, period)
+);
 """
+
+#: How a link reading counts (see UsageStore.record_link).
+LinkMode = Literal["delta", "whole", "baseline"]
 
 
 class UsageStoreError(AgentError):
@@ -80,6 +107,17 @@ class Usage(msgspec.Struct, kw_only=True):
     total_bytes: int
     quota_bytes: int | None = None
     percent: float | None = None
+
+
+class ProbeUsage(msgspec.Struct, kw_only=True):
+    """Bytes a layer's health probes cost in one period, per profile it ran on."""
+
+    layer: str
+    period: str
+    tx_bytes: int
+    rx_bytes: int
+    total_bytes: int
+    by_profile: dict[str, int]
 
 
 class PoolUsage(msgspec.Struct, kw_only=True):
@@ -265,6 +303,106 @@ class UsageStore:
                 )
         return alerts
 
+    # --- interface counters, cross-check, probe bytes ------------------------------------
+
+    def record_link(
+        self,
+        iccid: str,
+        ifname: str,
+        ifindex: int,
+        *,
+        rx_bytes: int,
+        tx_bytes: int,
+        at: float,
+        mode: LinkMode = "delta",
+    ) -> list[QuotaAlert]:
+        """Add a reading of the interface's (netlink) counters while `iccid` is the active profile.
+
+        The interface counter keeps running across profile switches, so it has its own baseline
+        per ICCID: "delta" adds the growth since this ICCID's last link reading (a lower reading
+        means the counter restarted: the whole reading counts; a first reading, or one from
+        another interface, only sets the baseline); "whole" counts the whole reading (the
+        interface was created while this profile was active); "baseline" counts nothing (the
+        profile just became active on an interface that has been counting for another).
+        """
+        if rx_bytes < 0 or tx_bytes < 0:
+            raise ValueError("byte counters cannot be negative")
+        period = period_of(at, self.period_start_day)
+        with self._tx():
+            row = self._db.execute(
+                "SELECT ifname, ifindex, rx, tx FROM link_readings WHERE iccid = ?", (iccid,)
+            ).fetchone()
+            drx = dtx = 0
+            if mode == "whole":
+                drx, dtx = rx_bytes, tx_bytes
+            elif mode == "delta" and row is not None and (row[0], row[1]) == (ifname, ifindex):
+                drx, dtx, _ = counter_delta((row[2], row[3]), rx_bytes, tx_bytes)
+            self._db.execute(
+                "INSERT INTO link_readings VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(iccid) DO UPDATE "
+                "SET ifname = excluded.ifname, ifindex = excluded.ifindex, rx = excluded.rx, "
+                "tx = excluded.tx, at = excluded.at",
+                (iccid, ifname, ifindex, rx_bytes, tx_bytes, at),
+            )
+            self._db.execute(
+                "INSERT INTO usage VALUES (?, ?, ?, ?) ON CONFLICT(iccid, period) DO UPDATE SET "
+                "rx = rx + excluded.rx, tx = tx + excluded.tx",
+                (iccid, period, drx, dtx),
+            )
+            alerts = self._fire(iccid, period, self._used(iccid, period), self._quota(iccid), at)
+        for alert in alerts:
+            log.warning("usage_quota_alert", **msgspec.to_builtins(alert))
+        return alerts
+
+    def add_crosscheck(
+        self, iccid: str, link_bytes: int, modem_bytes: int, at: float
+    ) -> tuple[int, int]:
+        """Add bytes counted over the same window by the interface and by the modem; returns
+        this period's running totals (link, modem)."""
+        period = period_of(at, self.period_start_day)
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO crosscheck VALUES (?, ?, ?, ?) ON CONFLICT(iccid, period) DO UPDATE "
+                "SET link_bytes = link_bytes + excluded.link_bytes, "
+                "modem_bytes = modem_bytes + excluded.modem_bytes",
+                (iccid, period, link_bytes, modem_bytes),
+            )
+            row = self._db.execute(
+                "SELECT link_bytes, modem_bytes FROM crosscheck WHERE iccid = ? AND period = ?",
+                (iccid, period),
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def add_probe_bytes(
+        self, layer: str, iccid: str, tx_bytes: int, rx_bytes: int, at: float
+    ) -> None:
+        """Count bytes a layer's health probes sent and received while `iccid` was active."""
+        if tx_bytes < 0 or rx_bytes < 0:
+            raise ValueError("byte counts cannot be negative")
+        period = period_of(at, self.period_start_day)
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO probe_usage VALUES (?, ?, ?, ?, ?) ON CONFLICT(layer, iccid, period) "
+                "DO UPDATE SET tx = tx + excluded.tx, rx = rx + excluded.rx",
+                (layer, iccid, period, tx_bytes, rx_bytes),
+            )
+
+    def probe_totals(self, layer: str, at: float) -> ProbeUsage:
+        """A layer's probe bytes in the period holding `at`."""
+        period = period_of(at, self.period_start_day)
+        rows = self._db.execute(
+            "SELECT iccid, tx, rx FROM probe_usage WHERE layer = ? AND period = ?", (layer, period)
+        ).fetchall()
+        tx = sum(int(r[1]) for r in rows)
+        rx = sum(int(r[2]) for r in rows)
+        return ProbeUsage(
+            layer=layer,
+            period=period,
+            tx_bytes=tx,
+            rx_bytes=rx,
+            total_bytes=tx + rx,
+            by_profile={str(r[0]): int(r[1]) + int(r[2]) for r in rows},
+        )
+
     # --- quotas and pools --------------------------------------------------------------
 
     def set_quota(self, iccid: str, quota_bytes: int | None) -> None:
@@ -312,8 +450,12 @@ class UsageStore:
     def _period_for(self, iccid: str, at: float | None) -> str:
         if at is not None:
             return period_of(at, self.period_start_day)
-        row = self._db.execute("SELECT at FROM readings WHERE iccid = ?", (iccid,)).fetchone()
-        if row is None:
+        row = self._db.execute(
+            "SELECT max(at) FROM (SELECT at FROM readings WHERE iccid = ?1 "
+            "UNION ALL SELECT at FROM link_readings WHERE iccid = ?1)",
+            (iccid,),
+        ).fetchone()
+        if row is None or row[0] is None:
             return period_of(dt.datetime.now(tz=dt.UTC).timestamp(), self.period_start_day)
         return period_of(float(row[0]), self.period_start_day)
 
