@@ -330,3 +330,36 @@ def test_silent_outage_bound_holds_for_any_config(
     delay, rounds = run_silent_outage(cfg, timeout, outage)
     assert delay <= detect.worst_case_detection(cfg, timeout) + 1e-6
     assert rounds == cfg.down_after
+
+
+# --- URCs ----------------------------------------------------------------------------------
+
+
+def test_urc_evidence() -> None:
+    from agent.health.urc import evidence_from_urc
+
+    def kind(line: str) -> str | None:
+        ev = evidence_from_urc(line, 1.0)
+        return None if ev is None else ev.kind
+
+    assert kind("+CGEV: NW PDN DEACT 1") == "pdn_deactivated"
+    assert kind("+CGEV: ME PDN DEACT 1") == "pdn_deactivated"
+    assert kind('+CGEV: NW DEACT "IP","10.0.0.2",1') == "pdn_deactivated"
+    assert kind("+CGEV: NW DEACT 1,2,0") == "pdn_deactivated"
+    assert kind("+CGEV: NW DETACH") == "pdn_deactivated"
+    ev = evidence_from_urc("+cgev: me detach", 2.0)
+    assert ev is not None
+    assert (ev.reason, ev.at) == ("detach_me", 2.0)
+    assert kind("+CGEV: ME PDN ACT 1") == "pdn_activated"
+    assert kind("+CGEV: NW MODIFY 1,2,0") is None
+    assert kind("+CGEV: REJECT IP, 10.0.0.1") is None
+    assert kind("+CEREG: 1") == "registration_ok"
+    assert kind('+CEREG: 5,"1A2B","01A2B3C4",7') == "registration_ok"
+    assert kind("+C5GREG: 2") == "registration_lost"
+    assert kind("+CREG: 3") == "registration_lost"
+    assert kind("+CGREG: 4") is None
+    assert kind("+CEREG: garbage") is None
+    assert kind("RING") is None
+    lost = evidence_from_urc("+CEREG: 0", 3.0)
+    assert lost is not None
+    assert lost.reason == "registration_lost: not_registered"

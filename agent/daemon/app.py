@@ -17,6 +17,7 @@ import structlog
 from agent.config import Config, LayerConfig, load_config
 from agent.daemon import sdnotify
 from agent.daemon.control import CommandTable, ControlServer
+from agent.daemon.evidence import EvidenceFeeds
 from agent.daemon.hooks import run_hooks
 from agent.daemon.session import ModemSession
 from agent.daemon.supervisor import Supervisor
@@ -106,6 +107,9 @@ class Daemon:
         self._processed: dict[int, asyncio.Future[list[Action]]] = {}
         self._published: dict[str, Any] = {}
         self.usage: UsageTracker | None = None
+        self.evidence = EvidenceFeeds(
+            lambda m: [self.monitors[x.name] for x in self.cfg.layers if x.modem == m]
+        )
 
     # ---- running -------------------------------------------------------------------------
 
@@ -186,6 +190,9 @@ class Daemon:
                 thresholds,
                 self._on_monitor_change,
                 window_size=window,
+                failure_interval=cfg.health.failure_interval,
+                traffic_aware=cfg.health.traffic_aware,
+                probe_budget=cfg.health.probe_budget,
             )
             self.monitors[layer.name].probe_gate = self._gate(layer)
         self.policy = initial_state(
@@ -297,6 +304,12 @@ class Daemon:
         except AgentError as exc:
             log.error("usage_sample_failed", modem=session.id, error=str(exc))
             return
+        for layer in (x for x in self.cfg.layers if x.modem == session.id):
+            if (monitor := self.monitors.get(layer.name)) is None:
+                continue
+            tx, rx = monitor.take_probe_bytes()
+            with contextlib.suppress(AgentError, TimeoutError):
+                await self.usage.record_probe_bytes(layer.name, iccid, tx, rx)
         if iccid is not None and session.counters is not None:
             name = redact_value(iccid) if self.cfg.mqtt.redact else iccid
             self._publish(f"usage/{name}", self.usage.snapshot(iccid))
@@ -393,6 +406,8 @@ class Daemon:
         self._feed(name)
 
     def _on_session_update(self, session: ModemSession) -> None:
+        if session.modem is not None:
+            self.evidence.watch_channel(session.id, session.modem.channel)
         for layer in self.cfg.layers:
             if layer.modem == session.id and layer.name in self.monitors:
                 self.monitors[layer.name].update_signals(session.signals())
@@ -586,6 +601,7 @@ class Daemon:
         pol = summary(self.policy) if self.policy is not None else {}
         for layer in self.cfg.layers:
             state, reason = self._fed.get(layer.name, ("unknown", "no_data"))
+            mon = self.monitors[layer.name].snapshot() if layer.name in self.monitors else None
             layers.append(
                 {
                     "name": layer.name,
@@ -595,6 +611,10 @@ class Daemon:
                     "health": state,
                     "reason": reason,
                     "active": self.policy is not None and self.policy.active == layer.name,
+                    "probe_interval_s": mon.round_interval_s if mon else None,
+                    "probe_bytes": {"tx": mon.probe_tx_bytes, "rx": mon.probe_rx_bytes}
+                    if mon
+                    else None,
                 }
             )
         modems = []

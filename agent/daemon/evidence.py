@@ -1,0 +1,109 @@
+"""Passive evidence for the layer monitors: modem URCs and netlink link events, without probes.
+
+The daemon owns one EvidenceFeeds; each modem's evidence goes to the monitors of the layers on
+that modem (inactive ones are reported "profile_inactive" by the daemon anyway).
+
+    feeds = EvidenceFeeds(monitors_of)                    # monitors_of(modem_id) -> monitors
+    feeds.watch_channel("m0", session.modem.channel)      # +CGEV / registration URCs
+    supervisor.start("links-m0", feeds.link_task("m0", "wwan0"))   # carrier / address
+    LayerMonitor(..., counters=counters_source("wwan0"))  # traffic-aware rounds, rx stall
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
+
+import structlog
+
+from agent.health.detect import Evidence
+from agent.health.monitor import CountersSource, LayerMonitor
+from agent.health.urc import URC_PREFIXES, evidence_from_urc
+from agent.net.linkwatch import CounterReader, LinkError, LinkWatcher, to_evidence
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_INITIAL_S = 1.0
+RECONNECT_MAX_S = 30.0
+MonitorsOf = Callable[[str], Iterable[LayerMonitor]]
+
+
+class Subscribable(Protocol):
+    """What watch_channel needs from an AT channel (agent.at.channel.AtChannel fits)."""
+
+    def subscribe(
+        self, prefixes: str | Iterable[str], callback: Callable[[str], None]
+    ) -> Callable[[], None]:
+        """Call callback(line) for URCs with one of the prefixes; returns an unsubscribe."""
+        ...
+
+
+class EvidenceFeeds:
+    """Routes passive evidence from modems and their interfaces to the layer monitors."""
+
+    def __init__(self, monitors_of: MonitorsOf) -> None:
+        self._monitors_of = monitors_of
+        self._channels: dict[str, object] = {}
+
+    def deliver(self, modem_id: str, ev: Evidence) -> None:
+        """Hand one piece of evidence to every monitor of the modem's layers."""
+        for monitor in self._monitors_of(modem_id):
+            monitor.evidence(ev)
+
+    def watch_channel(self, modem_id: str, channel: Subscribable) -> None:
+        """Subscribe to the modem's context and registration URCs (once per channel; a
+        reconnected modem brings a new channel, which is subscribed again)."""
+        if self._channels.get(modem_id) is channel:
+            return
+        self._channels[modem_id] = channel
+
+        def on_urc(line: str) -> None:
+            ev = evidence_from_urc(line, time.monotonic())
+            if ev is not None:
+                log.info("urc_evidence", modem=modem_id, kind=ev.kind, line=line)
+                self.deliver(modem_id, ev)
+
+        channel.subscribe(URC_PREFIXES, on_urc)
+
+    def link_task(
+        self, modem_id: str, ifname: str, netns: str | None = None
+    ) -> Callable[[], Awaitable[None]]:
+        """A coroutine function (for the supervisor) feeding the interface's carrier and
+        address events; it re-opens the netlink watch with backoff when it fails."""
+
+        async def run() -> None:
+            delay = RECONNECT_INITIAL_S
+            while True:
+                try:
+                    async with LinkWatcher([ifname], netns) as watcher:
+                        delay = RECONNECT_INITIAL_S
+                        while True:
+                            event = await watcher.next(timeout=None)
+                            ev = to_evidence(event) if event is not None else None
+                            if ev is not None:
+                                self.deliver(modem_id, ev)
+                except LinkError as exc:
+                    log.warning(
+                        "link_watch_failed", modem=modem_id, interface=ifname, error=str(exc)
+                    )
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+        return run
+
+
+def counters_source(ifname: str, netns: str | None = None) -> CountersSource:
+    """A LayerMonitor `counters` source reading the interface over one netlink socket."""
+    reader = CounterReader(netns)
+
+    async def read() -> tuple[int, int] | None:
+        try:
+            reading = await reader.read(ifname)
+        except LinkError:
+            return None  # absent for now (modem re-enumerating): no traffic evidence either way
+        return reading.rx_bytes, reading.tx_bytes
+
+    return read
