@@ -751,7 +751,8 @@ def default_demo_config(
         "log_level": "info",
         "modems": modems,
         "layers": layers,
-        "health": {"down_after": 2, "up_after": 2},
+        # Loopback endpoints cost nothing: no probe byte budget (it would stretch 1 s rounds).
+        "health": {"down_after": 2, "up_after": 2, "probe_budget": 0},
         "policy": {"down_after": 1, "up_after": 1},
         "timers": {
             "hold_down": 2.0,
