@@ -299,8 +299,17 @@ class Daemon:
             return
         iccid = session.enabled_iccid or (session.info.sim.iccid if session.info else None)
         reset, session.counters_reset = session.counters_reset, False
+        # The modem's network interface (issue 7's `interface` on [[modems]]) counts for every
+        # vendor; the modem's own counters are then only a cross-check.
+        ifname = getattr(session.cfg, "interface", None)
+        linked = isinstance(ifname, str) and ifname not in ("", "none", "auto")
         try:
-            await self.usage.sample(session.id, iccid, session.counters, new_session=reset)
+            if linked:
+                await self.usage.sample_interface(
+                    session.id, iccid, str(ifname), modem_counters=session.counters
+                )
+            else:
+                await self.usage.sample(session.id, iccid, session.counters, new_session=reset)
         except AgentError as exc:
             log.error("usage_sample_failed", modem=session.id, error=str(exc))
             return
@@ -310,7 +319,7 @@ class Daemon:
             tx, rx = monitor.take_probe_bytes()
             with contextlib.suppress(AgentError, TimeoutError):
                 await self.usage.record_probe_bytes(layer.name, iccid, tx, rx)
-        if iccid is not None and session.counters is not None:
+        if iccid is not None and (linked or session.counters is not None):
             name = redact_value(iccid) if self.cfg.mqtt.redact else iccid
             self._publish(f"usage/{name}", self.usage.snapshot(iccid))
             self._publish_pools(iccid)
