@@ -17,7 +17,7 @@ import structlog
 from agent.config import Config, LayerConfig, load_config
 from agent.daemon import sdnotify
 from agent.daemon.control import CommandTable, ControlServer
-from agent.daemon.evidence import EvidenceFeeds
+from agent.daemon.evidence import EvidenceFeeds, interface_of
 from agent.daemon.hooks import run_hooks
 from agent.daemon.session import ModemSession
 from agent.daemon.supervisor import Supervisor
@@ -176,6 +176,7 @@ class Daemon:
             up_after=cfg.health.up_after,
             degraded_ratio=cfg.health.degraded_ratio,
         )
+        interfaces = {m.id: i for m in cfg.modems if (i := interface_of(m)) is not None}
         for layer in cfg.layers:
             probes = [
                 (f"{p.kind}{i}", probe_from_spec(p.kind, p.target, p.timeout), p.interval)
@@ -193,6 +194,9 @@ class Daemon:
                 failure_interval=cfg.health.failure_interval,
                 traffic_aware=cfg.health.traffic_aware,
                 probe_budget=cfg.health.probe_budget,
+                counters=self.evidence.counters_source(ifname)
+                if (ifname := interfaces.get(layer.modem))
+                else None,
             )
             self.monitors[layer.name].probe_gate = self._gate(layer)
         self.policy = initial_state(
@@ -222,6 +226,8 @@ class Daemon:
         await self._recover_euicc_state()
         for name, monitor in self.monitors.items():
             self.supervisor.start(f"health-{name}", monitor.run)
+        for modem_id, ifname in interfaces.items():
+            self.supervisor.start(f"links-{modem_id}", self.evidence.link_task(modem_id, ifname))
         self.supervisor.start("policy", self._policy_loop)
         self.supervisor.start("tick", self._tick_loop)
         if sdnotify.watchdog_interval() is not None:
@@ -240,6 +246,7 @@ class Daemon:
         await self.supervisor.stop()
         if self.control is not None:
             await self.control.close()
+        self.evidence.close()
         if self.usage is not None:
             await self.usage.close()
         self.sessions.clear()
@@ -301,12 +308,12 @@ class Daemon:
         reset, session.counters_reset = session.counters_reset, False
         # The modem's network interface (issue 7's `interface` on [[modems]]) counts for every
         # vendor; the modem's own counters are then only a cross-check.
-        ifname = getattr(session.cfg, "interface", None)
-        linked = isinstance(ifname, str) and ifname not in ("", "none", "auto")
+        ifname = interface_of(session.cfg)
+        linked = ifname is not None
         try:
-            if linked:
+            if ifname is not None:
                 await self.usage.sample_interface(
-                    session.id, iccid, str(ifname), modem_counters=session.counters
+                    session.id, iccid, ifname, modem_counters=session.counters
                 )
             else:
                 await self.usage.sample(session.id, iccid, session.counters, new_session=reset)

@@ -6,7 +6,8 @@ that modem (inactive ones are reported "profile_inactive" by the daemon anyway).
     feeds = EvidenceFeeds(monitors_of)                    # monitors_of(modem_id) -> monitors
     feeds.watch_channel("m0", session.modem.channel)      # +CGEV / registration URCs
     supervisor.start("links-m0", feeds.link_task("m0", "wwan0"))   # carrier / address
-    LayerMonitor(..., counters=counters_source("wwan0"))  # traffic-aware rounds, rx stall
+    LayerMonitor(..., counters=feeds.counters_source("wwan0"))  # traffic-aware rounds, rx stall
+    feeds.close()                                         # at shutdown
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ class EvidenceFeeds:
     def __init__(self, monitors_of: MonitorsOf) -> None:
         self._monitors_of = monitors_of
         self._channels: dict[str, object] = {}
+        self._readers: list[CounterReader] = []
+
+    def counters_source(self, ifname: str, netns: str | None = None) -> CountersSource:
+        """A LayerMonitor `counters` source reading the interface over one netlink socket
+        (released by close())."""
+        reader = CounterReader(netns)
+        self._readers.append(reader)
+
+        async def read() -> tuple[int, int] | None:
+            try:
+                reading = await reader.read(ifname)
+            except LinkError:
+                return None  # absent for now (re-enumerating): no traffic evidence either way
+            return reading.rx_bytes, reading.tx_bytes
+
+        return read
+
+    def close(self) -> None:
+        """Release the counter readers' netlink sockets."""
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
 
     def deliver(self, modem_id: str, ev: Evidence) -> None:
         """Hand one piece of evidence to every monitor of the modem's layers."""
@@ -95,15 +118,10 @@ class EvidenceFeeds:
         return run
 
 
-def counters_source(ifname: str, netns: str | None = None) -> CountersSource:
-    """A LayerMonitor `counters` source reading the interface over one netlink socket."""
-    reader = CounterReader(netns)
-
-    async def read() -> tuple[int, int] | None:
-        try:
-            reading = await reader.read(ifname)
-        except LinkError:
-            return None  # absent for now (modem re-enumerating): no traffic evidence either way
-        return reading.rx_bytes, reading.tx_bytes
-
-    return read
+def interface_of(modem_cfg: object) -> str | None:
+    """The network interface a modem's config names (`interface` on [[modems]]), or None for
+    none, "none" or "auto" (discovery belongs to the session that finds it)."""
+    ifname = getattr(modem_cfg, "interface", None)
+    if isinstance(ifname, str) and ifname not in ("", "none", "auto"):
+        return ifname
+    return None

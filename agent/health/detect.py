@@ -104,8 +104,6 @@ class DetectState(msgspec.Struct, frozen=True, kw_only=True):
     successes: int = 0
     down: bool = False
     reason: str = ""
-    #: Negative evidence seen at all (unknown until the first evidence either way).
-    known: bool = False
     conditions: frozenset[str] = frozenset()
     rx: int | None = None
     tx: int | None = None
@@ -137,7 +135,7 @@ def _schedule(state: DetectState, cfg: DetectConfig, now: float) -> DetectState:
 def _negative(state: DetectState, cfg: DetectConfig, at: float, reason: str) -> DetectState:
     strikes = state.strikes + 1
     down = state.down or strikes >= cfg.down_after
-    new = replace(state, strikes=strikes, successes=0, down=down, reason=reason, known=True)
+    new = replace(state, strikes=strikes, successes=0, down=down, reason=reason)
     if not state.confirming and not down:
         # First strike: confirm soon instead of waiting for the next regular round.
         new = replace(new, next_round=min(state.next_round, at + cfg.failure_interval))
@@ -150,12 +148,12 @@ def _positive(state: DetectState, cfg: DetectConfig, at: float) -> DetectState:
     if state.down:
         successes = state.successes + 1
         if successes >= cfg.up_after:
-            return replace(state, down=False, strikes=0, successes=0, reason="", known=True)
-        new = replace(state, successes=successes, reason="recovering", known=True)
+            return replace(state, down=False, strikes=0, successes=0, reason="")
+        new = replace(state, successes=successes, reason="recovering")
         if successes == 1:
             new = replace(new, next_round=min(state.next_round, at + cfg.failure_interval))
         return new
-    return replace(state, strikes=0, successes=0, reason="", known=True)
+    return replace(state, strikes=0, successes=0, reason="")
 
 
 def observe(state: DetectState, cfg: DetectConfig, ev: Evidence) -> DetectState:
