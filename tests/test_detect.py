@@ -216,12 +216,26 @@ def test_rx_stall_while_sending_is_a_strike() -> None:
     state = detect.observe(state, cfg, counters(1.0, 10_000, 11_000))
     assert state.strikes == 0
     state = detect.observe(state, cfg, counters(2.5, 10_000, 14_000))
+    assert state.strikes == 0  # sending for 1.5 s only
+    state = detect.observe(state, cfg, counters(3.0, 10_000, 15_000))
     assert state.strikes == 1
     assert state.reason == "rx_stalled"
-    assert state.next_round <= 2.5 + cfg.failure_interval
+    assert state.next_round <= 3.0 + cfg.failure_interval
     # Reported once per stall, not on every reading.
-    state = detect.observe(state, cfg, counters(3.0, 10_000, 20_000))
+    state = detect.observe(state, cfg, counters(3.5, 10_000, 20_000))
     assert state.strikes == 1
+
+
+def test_a_burst_after_a_quiet_hour_is_no_stall() -> None:
+    cfg = SHIPPED
+    state = detect.initial(0.0)
+    state = detect.observe(state, cfg, counters(0.0, 10_000, 10_000))
+    state = detect.observe(state, cfg, counters(3600.0, 10_000, 10_000))
+    state = detect.observe(state, cfg, counters(3601.0, 10_000, 30_000))  # a request goes out
+    assert state.strikes == 0
+    state = detect.observe(state, cfg, counters(3602.0, 90_000, 31_000))  # its answer came
+    assert state.strikes == 0
+    assert state.rx_grew_at == 3602.0
 
 
 def test_counter_reset_is_a_new_baseline_not_traffic() -> None:

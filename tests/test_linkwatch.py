@@ -61,6 +61,9 @@ def test_missing_interface_or_namespace_is_a_link_error(veth: VethPair) -> None:
 async def test_carrier_and_address_events(veth: VethPair) -> None:
     async with LinkWatcher([NEAR_IF], netns=veth.near) as watcher:
         assert watcher.state(NEAR_IF) == (True, (NEAR_ADDR,))
+        first = await watcher.next(timeout=DEADLINE)
+        assert first is not None
+        assert (first.kind, first.ifname) == ("carrier_up", NEAR_IF)  # the state at start
         await asyncio.to_thread(veth.set_far_up, False)
         lost = await next_of(watcher, "carrier_lost")
         assert lost.ifname == NEAR_IF

@@ -108,8 +108,8 @@ class DetectState(msgspec.Struct, frozen=True, kw_only=True):
     rx: int | None = None
     tx: int | None = None
     rx_grew_at: float | None = None
-    #: When the current stretch without received traffic began (growth or a new baseline).
-    quiet_since: float | None = None
+    #: When we first sent since received traffic last grew (None: nothing sent since).
+    sending_since: float | None = None
     tx_at_rx: int | None = None
     stall_reported: bool = False
 
@@ -182,24 +182,28 @@ def _counters(state: DetectState, cfg: DetectConfig, ev: Evidence) -> DetectStat
         return state
     if state.rx is None or state.tx is None or rx < state.rx or tx < state.tx:
         # First reading, or the counters restarted (interface re-created): a new baseline.
-        return replace(state, rx=rx, tx=tx, quiet_since=ev.at, tx_at_rx=tx, stall_reported=False)
+        return replace(state, rx=rx, tx=tx, sending_since=None, tx_at_rx=tx, stall_reported=False)
     if rx - state.rx >= cfg.traffic_min_bytes:
         new = replace(
             state,
             rx=rx,
             tx=tx,
             rx_grew_at=ev.at,
-            quiet_since=ev.at,
+            sending_since=None,
             tx_at_rx=tx,
             stall_reported=False,
         )
         return _positive(new, cfg, ev.at)
     # Small rx growth is not traffic: keep the old rx baseline so it can add up.
-    new = replace(state, tx=tx)
-    since = state.quiet_since if state.quiet_since is not None else ev.at
+    since = state.sending_since
+    if since is None and tx > state.tx:
+        # Sending starts now (an idle hour before it is no stall: the answer may be on its way).
+        since = ev.at
+    new = replace(state, tx=tx, sending_since=since)
     sent = tx - (state.tx_at_rx if state.tx_at_rx is not None else tx)
     if (
-        not state.stall_reported
+        since is not None
+        and not state.stall_reported
         and not state.confirming
         and not state.down
         and ev.at - since >= cfg.stall_after

@@ -178,8 +178,8 @@ class _Link:
 class LinkWatcher:
     """Carrier and address events of some interfaces (by name) in one namespace.
 
-    Interfaces that do not exist yet are picked up when they appear (their first carrier is
-    reported as carrier_up or carrier_lost). Use as an async context manager, or open()/close().
+    Each watched interface's carrier at open() is the first event (carrier_up or carrier_lost);
+    interfaces that do not exist yet are reported the same way when they appear. Use as an async context manager, or open()/close().
     """
 
     def __init__(self, ifnames: Iterable[str], netns: str | None = None) -> None:
@@ -209,6 +209,11 @@ class LinkWatcher:
             sock.close()
             raise LinkError(f"watching {sorted(self.ifnames)}: {exc!r}") from exc
         self._sock = sock
+        now = time.monotonic()
+        for link in self._links.values():
+            # The state at start is news too: a carrier already gone must count.
+            kind: LinkEventKind = "carrier_up" if link.carrier else "carrier_lost"
+            self._emit(LinkEvent(kind=kind, ifname=link.ifname, ifindex=link.ifindex, at=now))
         self._reader = asyncio.create_task(self._read(sock), name="linkwatch")
 
     async def _load(self, timeout: float) -> None:
