@@ -50,15 +50,21 @@ class EvidenceFeeds:
         self._channels: dict[str, object] = {}
         self._readers: list[CounterReader] = []
 
-    def counters_source(self, ifname: str, netns: str | None = None) -> CountersSource:
+    def counters_source(
+        self, ifname: str | Callable[[], str | None], netns: str | None = None
+    ) -> CountersSource:
         """A LayerMonitor `counters` source reading the interface over one netlink socket
-        (released by close())."""
+        (released by close()). `ifname` may be a callable for an interface discovery names
+        later (DataPath.interface); while it gives None there is no reading."""
         reader = CounterReader(netns)
         self._readers.append(reader)
 
         async def read() -> tuple[int, int] | None:
+            name = ifname() if callable(ifname) else ifname
+            if name is None:
+                return None
             try:
-                reading = await reader.read(ifname)
+                reading = await reader.read(name)
             except LinkError:
                 return None  # absent for now (re-enumerating): no traffic evidence either way
             return reading.rx_bytes, reading.tx_bytes
