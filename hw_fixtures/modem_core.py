@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from hw_fixtures.addressing import ContextAddress, contrdp_line, loopback_context
 from hw_fixtures.at_syntax import (
     Command,
     cesq_rsrp,
@@ -28,7 +29,7 @@ from hw_fixtures.at_syntax import (
     split_command_line,
 )
 from hw_fixtures.card_api import EmulatedCard, ProfileSpec
-from hw_fixtures.personalities import Personality
+from hw_fixtures.personalities import QUECTEL_USBNET, Personality
 from hw_fixtures.scenario import REG_STATES, ModemConfig, OperatorState, ScanEntry
 
 log = structlog.get_logger(__name__)
@@ -39,6 +40,9 @@ REG_COMMANDS = ("+CREG", "+CGREG", "+CEREG", "+C5GREG")
 SCAN_STATUS = {"unknown": 0, "available": 1, "current": 2, "forbidden": 3}
 FAULT_KINDS = ("hang", "slow", "garbage", "partial", "urc_interleave", "reset")
 MAX_LINE = 4096
+PDP_TYPES = ("IP", "IPV6", "IPV4V6", "PPP", "NON-IP")
+# AT+GTUSBMODE numbers are module specific; the emulator reports these for its compositions
+FIBOCOM_USBMODE = {"ecm": 31, "rndis": 32, "mbim": 40, "ncm": 41, "qmi": 30}
 
 
 class Cancellable(Protocol):
@@ -119,6 +123,19 @@ class ModemCore:
         self.pdp: dict[int, tuple[str, str]] = {1: ("IP", cfg.apn)}
         self.pdp_active: set[int] = set()
         self.pdp_user_off: set[int] = set()
+        # contexts the network deactivated: not re-activated automatically until asked
+        self.pdp_net_off: set[int] = set()
+        # contexts connected to the USB network function by the vendor's dial command
+        self.dialed: set[int] = set()
+        self.pdp_auth: dict[int, tuple[int, str, str]] = {}
+        self.usbnet = cfg.usbnet or personality.usbnet
+        self.usbnet_pending: str | None = None
+        self.qnetdevctl: tuple[int, int, int] = (0, 1, 0)
+        index = int(cfg.id[1:]) if cfg.id[1:].isdigit() else 0
+        # cid -> what the network grants; the emulator swaps in the netns plan
+        self.address_plan: Callable[[int], ContextAddress] = lambda cid: loopback_context(
+            index, cid
+        )
         self.cfun = 1
         self.attached = True
         self.pending_refresh = False
@@ -150,6 +167,7 @@ class ModemCore:
         self.reg_n = dict.fromkeys(REG_COMMANDS, 0)
         self.cops_format = 0
         self.charset = "IRA"
+        self.cgerep = (0, 0)
 
     def _profile(self) -> ProfileSpec | None:
         if self.card is not None:
@@ -342,6 +360,31 @@ class ModemCore:
             return "down"
         return self.link
 
+    def dial_needed(self) -> bool:
+        """Whether traffic needs the vendor's connect command in the current USB mode."""
+        return self.p.data_dial is not None and self.usbnet in self.p.dial_modes
+
+    def data_cid(self) -> int | None:
+        """The context the USB network function carries now, None while nothing passes.
+
+        Unlike data_path() this also asks for the vendor's connect where the USB mode needs
+        it; it gates the real interface of netns mode (loopback mode keeps data_path()).
+        """
+        if self.data_path() == "down" or self.resetting:
+            return None
+        usable = self.dialed & self.pdp_active if self.dial_needed() else self.pdp_active
+        return min(usable) if usable else None
+
+    def drop_context(self, cid: int | None = None) -> list[int]:
+        """The network deactivates a context (default: every active one); +CGEV follows."""
+        cids = {cid} if cid is not None else set(self.pdp_active)
+        if cid is not None and cid not in self.pdp_active:
+            raise CoreError(f"context {cid} is not active")
+        self.pdp_net_off |= cids
+        self._set_active(self.pdp_active - cids, "NW")
+        self._state_changed()
+        return sorted(cids)
+
     def _act_code(self) -> int:
         return ACT_CODES.get(self.network.act, 7)
 
@@ -363,12 +406,28 @@ class ModemCore:
             head += f',"{lac:0{width}X}","{ci:0{ci_width}X}",{act}'
         return head
 
+    def _set_active(self, active: set[int], origin: str) -> None:
+        """Change the active contexts; +CGEV reports each change (origin ME or NW)."""
+        gained = sorted(active - self.pdp_active)
+        lost = sorted(self.pdp_active - active)
+        self.pdp_active = set(active)
+        self.dialed &= self.pdp_active
+        if self.cgerep[0] == 0:
+            return  # AT+CGEREP=0: 27.007 lets the MT buffer or discard them; we discard
+        for cid in lost:
+            self.emit_urc(f"+CGEV: {origin} PDN DEACT {cid}")
+        for cid in gained:
+            self.emit_urc(f"+CGEV: ME PDN ACT {cid}")
+
     def _state_changed(self) -> None:
         if self.registered():
-            if self.cfg.pdp_auto:
-                self.pdp_active |= {c for c in self.pdp if c == 1} - self.pdp_user_off
+            active = set(self.pdp_active)
+            if self.cfg.pdp_auto and 1 in self.pdp:
+                active |= {1} - self.pdp_user_off - self.pdp_net_off
+            self._set_active(active, "NW")
         else:
-            self.pdp_active.clear()
+            self.pdp_net_off.clear()
+            self._set_active(set(), "NW")
         now = self._reg_tuple()
         prev = self._last_reg
         self._last_reg = now
@@ -445,6 +504,11 @@ class ModemCore:
         self.attached = False
         self.pdp_active.clear()
         self.pdp_user_off.clear()
+        self.pdp_net_off.clear()
+        self.dialed.clear()
+        if self.usbnet_pending is not None:
+            # a new USB composition takes effect when the modem re-enumerates
+            self.usbnet, self.usbnet_pending = self.usbnet_pending, None
         self.cops_deregistered = False
         self.reset_counters()
         self._state_changed()
@@ -513,6 +577,9 @@ class ModemCore:
             "+CGDCONT": self._at_cgdcont,
             "+CGACT": self._at_cgact,
             "+CGPADDR": self._at_cgpaddr,
+            "+CGAUTH": self._at_cgauth,
+            "+CGCONTRDP": self._at_cgcontrdp,
+            "+CGEREP": self._at_cgerep,
             "+CFUN": self._at_cfun,
             "+CSIM": self._at_csim,
         }
@@ -538,10 +605,31 @@ class ModemCore:
             table["+GTCCINFO"] = self._at_gtccinfo
         if self.p.data_counter == "qgdcnt":
             table["+QGDCNT"] = self._at_qgdcnt
+        if self.p.usbnet_command == "qcfg":
+            table["+QCFG"] = self._at_qcfg
+        elif self.p.usbnet_command == "gtusbmode":
+            table["+GTUSBMODE"] = self._at_gtusbmode
+        dial = {
+            "qnetdevctl": ("+QNETDEVCTL", self._at_qnetdevctl),
+            "gtrndis": ("+GTRNDIS", self._at_gtrndis),
+            "qcrmcall": ("$QCRMCALL", self._at_qcrmcall),
+            "scact": ("!SCACT", self._at_scact),
+        }.get(self.p.data_dial or "")
+        if dial is not None:
+            table[dial[0]] = dial[1]
         return table
 
     def _test_lines(self, name: str) -> list[str]:
+        if name == "+CGDCONT":
+            return [f'+CGDCONT: (1-15),"{t}",,,(0-2),(0-4)' for t in ("IP", "IPV6", "IPV4V6")]
+        if name == "+CGCONTRDP":
+            return [f"+CGCONTRDP: ({','.join(str(c) for c in sorted(self.pdp_active))})"]
+        if name == "+CGPADDR":
+            return [f"+CGPADDR: ({','.join(str(c) for c in sorted(self.pdp))})"]
         ranges = {
+            "+CGACT": "+CGACT: (0,1)",
+            "+CGAUTH": "+CGAUTH: (1-15),(0-2),,",
+            "+CGEREP": "+CGEREP: (0-2),(0,1)",
             "+CREG": "+CREG: (0-2)",
             "+CGREG": "+CGREG: (0-2)",
             "+CEREG": "+CEREG: (0-2)",
@@ -849,13 +937,26 @@ class ModemCore:
         if cmd.kind != "set" or not args or not args[0].isdigit():
             return _cme(50)
         cid = int(args[0])
+        if not 1 <= cid <= 15:
+            return _cme(50)
         if len(args) == 1:
             self.pdp.pop(cid, None)
-            self.pdp_active.discard(cid)
+            self.pdp_auth.pop(cid, None)
+            self._set_active(self.pdp_active - {cid}, "ME")
             self._state_changed()
             return Result()
-        self.pdp[cid] = (args[1] or "IP", args[2] if len(args) > 2 else "")
+        pdp_type = (args[1] or "IP").upper()
+        if pdp_type not in PDP_TYPES:
+            return _cme(50)
+        self.pdp[cid] = (pdp_type, args[2] if len(args) > 2 else "")
         return Result()
+
+    def _cids(self, args: list[str]) -> list[int] | None:
+        """Context ids named in args (all defined ones when none); None if one is unknown."""
+        if any(not a.isdigit() for a in args):
+            return None
+        cids = [int(a) for a in args] or sorted(self.pdp)
+        return None if any(c not in self.pdp for c in cids) else cids
 
     def _at_cgact(self, cmd: Command) -> Result:
         if cmd.kind == "query":
@@ -865,23 +966,57 @@ class ModemCore:
         args = split_args(cmd.args)
         if cmd.kind != "set" or not args or args[0] not in ("0", "1"):
             return _cme(50)
-        cids = [int(a) for a in args[1:] if a.isdigit()] or sorted(self.pdp)
-        if any(c not in self.pdp for c in cids):
+        cids = self._cids(args[1:])
+        if cids is None:
             return _cme(50)
         if args[0] == "1":
-            if not self.registered():
-                return _cme(30)
-            self.pdp_user_off -= set(cids)
-            self.pdp_active |= set(cids)
-        else:
-            self.pdp_user_off |= set(cids)
-            self.pdp_active -= set(cids)
+            return self._activate(set(cids))
+        self.pdp_user_off |= set(cids)
+        self._set_active(self.pdp_active - set(cids), "ME")
         self._state_changed()
         return Result()
 
-    def _address(self, cid: int) -> str:
-        idx = int(self.cfg.id.lstrip("m") or 0) if self.cfg.id[1:].isdigit() else 0
-        return f"10.64.{idx % 256}.{cid + 1}"
+    def _activate(self, cids: set[int]) -> Result:
+        if not self.registered():
+            return _cme(30)
+        self.pdp_user_off -= cids
+        self.pdp_net_off -= cids
+        self._set_active(self.pdp_active | cids, "ME")
+        self._state_changed()
+        return Result()
+
+    def _at_cgauth(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            lines = []
+            for cid in sorted(self.pdp):
+                prot, user, _ = self.pdp_auth.get(cid, (0, "", ""))
+                # 27.007 §10.1.31: the read form never shows the password
+                lines.append(f'+CGAUTH: {cid},{prot},"{user}"')
+            return Result(lines=lines)
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or not args or not args[0].isdigit() or not 1 <= int(args[0]) <= 15:
+            return _cme(50)
+        auth_prot = args[1] if len(args) > 1 and args[1] else "0"
+        if auth_prot not in ("0", "1", "2", "3"):
+            return _cme(50)
+        user = args[2] if len(args) > 2 else ""
+        password = args[3] if len(args) > 3 else ""
+        self.pdp_auth[int(args[0])] = (int(auth_prot), user, password)
+        return Result()
+
+    def _at_cgcontrdp(self, cmd: Command) -> Result:
+        args = split_args(cmd.args)
+        if cmd.kind not in ("exec", "set") or len(args) > 1:
+            return _cme(50)
+        cids = self._cids(args)
+        if cids is None:
+            return _cme(50)
+        lines = [
+            contrdp_line(cid, self.pdp[cid][1], self.address_plan(cid), self.p.contrdp_form)
+            for cid in cids
+            if cid in self.pdp_active
+        ]
+        return Result(lines=lines)
 
     def _at_cgpaddr(self, cmd: Command) -> Result:
         args = split_args(cmd.args)
@@ -889,10 +1024,130 @@ class ModemCore:
         lines = []
         for cid in cids:
             if cid in self.pdp_active:
-                lines.append(f'+CGPADDR: {cid},"{self._address(cid)}"')
+                lines.append(f'+CGPADDR: {cid},"{self.address_plan(cid).address}"')
             elif cid in self.pdp:
                 lines.append(f'+CGPADDR: {cid},"0.0.0.0"')
         return Result(lines=lines)
+
+    def _at_cgerep(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            return Result(lines=[f"+CGEREP: {self.cgerep[0]},{self.cgerep[1]}"])
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or not 1 <= len(args) <= 2 or args[0] not in ("0", "1", "2"):
+            return _cme(50)
+        bfr = args[1] if len(args) > 1 and args[1] else "0"
+        if bfr not in ("0", "1"):
+            return _cme(50)
+        self.cgerep = (int(args[0]), int(bfr))
+        return Result()
+
+    # ------------------------------------------------- USB network function
+
+    def _at_qcfg(self, cmd: Command) -> Result:
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or not args or args[0].lower() != "usbnet" or len(args) > 2:
+            return _cme(50)
+        numbers = {v: k for k, v in QUECTEL_USBNET.items()}
+        if len(args) == 1:
+            shown = self.usbnet_pending or self.usbnet
+            return Result(lines=[f'+QCFG: "usbnet",{QUECTEL_USBNET[shown]}'])
+        if not args[1].isdigit() or int(args[1]) not in numbers:
+            return _cme(50)
+        # persisted, applied when the modem restarts (AT+CFUN=1,1), as Quectel documents
+        self.usbnet_pending = numbers[int(args[1])]
+        return Result()
+
+    def _at_gtusbmode(self, cmd: Command) -> Result:
+        numbers = {v: k for k, v in FIBOCOM_USBMODE.items()}
+        if cmd.kind == "query":
+            return Result(
+                lines=[f"+GTUSBMODE: {FIBOCOM_USBMODE[self.usbnet_pending or self.usbnet]}"]
+            )
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or len(args) != 1 or not args[0].isdigit():
+            return _cme(50)
+        if int(args[0]) not in numbers:
+            return _cme(50)
+        self.usbnet_pending = numbers[int(args[0])]
+        return Result()
+
+    def _dial(self, connect: bool, cid: int) -> Result:
+        """The vendor connect/disconnect: connecting also activates the context."""
+        if not self.dial_needed():
+            return _cme(3)  # no AT data call in this USB mode (QMI/MBIM are driven elsewhere)
+        if cid not in self.pdp:
+            return _cme(50)
+        if connect:
+            result = self._activate({cid})
+            if result.final != "OK":
+                return result
+            self.dialed.add(cid)
+        else:
+            self.dialed.discard(cid)
+        self.on_change()
+        return Result()
+
+    def _at_qnetdevctl(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            op, cid, urc = self.qnetdevctl
+            state = int(cid in self.dialed)
+            return Result(lines=[f"+QNETDEVCTL: {op},{cid},{urc},{state}"])
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or len(args) not in (2, 3) or not all(a.isdigit() for a in args):
+            return _cme(50)
+        op, cid = int(args[0]), int(args[1])
+        urc = int(args[2]) if len(args) > 2 else 0
+        if op not in (0, 1, 2, 3) or urc not in (0, 1):
+            return _cme(50)
+        # 1 connects now, 3 connects and keeps reconnecting, 2 only arms auto-connect
+        result = self._dial(op in (1, 3), cid) if op != 2 else Result()
+        if result.final == "OK":
+            self.qnetdevctl = (op, cid, urc)
+        return result
+
+    def _at_gtrndis(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            if not self.dialed:
+                return Result(lines=["+GTRNDIS: 0"])
+            return Result(lines=[f"+GTRNDIS: 1,{min(self.dialed)}"])
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or len(args) != 2 or args[0] not in ("0", "1"):
+            return _cme(50)
+        if not args[1].isdigit():
+            return _cme(50)
+        return self._dial(args[0] == "1", int(args[1]))
+
+    def _at_qcrmcall(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            return Result(lines=[f"$QCRMCALL: {c},V4" for c in sorted(self.dialed)])
+        args = split_args(cmd.args)
+        # AT$QCRMCALL=<state>,<instance>[,<IP type>[,<tech>[,<profile>]]]
+        if cmd.kind != "set" or len(args) < 2 or args[0] not in ("0", "1"):
+            return _cme(50)
+        if not all(a.isdigit() for a in args if a):
+            return _cme(50)
+        cid = int(args[4]) if len(args) > 4 and args[4] else 1
+        result = self._dial(args[0] == "1", cid)
+        if result.final == "OK" and args[0] == "1":
+            result.lines = [f"$QCRMCALL: {args[1]},V4"]
+        return result
+
+    def _at_scact(self, cmd: Command) -> Result:
+        if cmd.kind == "query":
+            return Result(lines=[f"!SCACT: {c},{int(c in self.dialed)}" for c in sorted(self.pdp)])
+        args = split_args(cmd.args)
+        if cmd.kind != "set" or len(args) != 2 or args[0] not in ("0", "1"):
+            return _cme(50)
+        if not args[1].isdigit():
+            return _cme(50)
+        cid = int(args[1])
+        result = self._dial(args[0] == "1", cid)
+        if result.final == "OK" and args[0] == "0":
+            # !SCACT=0 deactivates the context itself, as AT+CGACT=0 would
+            self.pdp_user_off.add(cid)
+            self._set_active(self.pdp_active - {cid}, "ME")
+            self._state_changed()
+        return result
 
     # -------------------------------------------------------------------- CFUN
 
@@ -1179,6 +1434,11 @@ class ModemCore:
             "link": self.link,
             "data_path": self.data_path(),
             "pdp": {str(c): c in self.pdp_active for c in sorted(self.pdp)},
+            "usbnet": self.usbnet,
+            "dialed": sorted(self.dialed),
+            "dial_needed": self.dial_needed(),
+            "data_cid": self.data_cid(),
+            "cgerep": list(self.cgerep),
             "counters": {"rx_bytes": self.bytes_rx, "tx_bytes": self.bytes_tx},
             "faults": {
                 "hang": self.faults.hang,

@@ -33,7 +33,25 @@ class Personality:
     signal_urc: str | None = None
     # data-volume counter command served: "qgdcnt" (Quectel AT+QGDCNT) or None
     data_counter: str | None = None
+    # USB network function the emulated modem exposes: ecm, rndis, ncm, qmi or mbim.
+    # ECM and RNDIS are "router" modes: the modem runs DHCP for the host.
+    usbnet: str = "ncm"
+    # how the USB mode is read: "qcfg" (AT+QCFG="usbnet"), "gtusbmode" (AT+GTUSBMODE?) or None
+    usbnet_command: str | None = None
+    # vendor command that connects a context to the USB network function:
+    # "qnetdevctl", "gtrndis", "qcrmcall", "scact" or None (AT+CGACT alone is enough)
+    data_dial: str | None = None
+    # the USB modes in which traffic passes only after that command
+    dial_modes: frozenset[str] = frozenset()
+    # AT+CGCONTRDP address and mask: "dotted" ("a.b.c.d.m.m.m.m", one parameter, as
+    # 27.007 prints it for IPv4) or "split" ("a.b.c.d","m.m.m.m", two parameters)
+    contrdp_form: str = "dotted"
 
+
+USBNET_MODES = ("ecm", "rndis", "ncm", "qmi", "mbim")
+ROUTER_MODES = frozenset({"ecm", "rndis"})
+# AT+QCFG="usbnet",<n> numbering (Quectel): 0 RmNet/QMI, 1 ECM, 2 MBIM, 3 RNDIS, 5 NCM
+QUECTEL_USBNET = {"qmi": 0, "ecm": 1, "mbim": 2, "rndis": 3, "ncm": 5}
 
 PERSONALITIES: dict[str, Personality] = {
     p.name: p
@@ -55,6 +73,10 @@ PERSONALITIES: dict[str, Personality] = {
             signal_extensions=frozenset({"qcsq", "qeng"}),
             signal_urc='+QIND: "csq",{csq},{ber}',
             data_counter="qgdcnt",
+            usbnet="ecm",
+            usbnet_command="qcfg",
+            data_dial="qnetdevctl",
+            dial_modes=frozenset({"ecm", "rndis"}),
         ),
         Personality(
             name="sierra",
@@ -68,6 +90,9 @@ PERSONALITIES: dict[str, Personality] = {
             refresh="cfun",
             boot_urcs=(),
             signal_extensions=frozenset({"gstatus"}),
+            usbnet="qmi",
+            data_dial="scact",
+            dial_modes=frozenset({"qmi"}),
         ),
         Personality(
             name="fibocom",
@@ -78,6 +103,11 @@ PERSONALITIES: dict[str, Personality] = {
             ccho_form="bare",
             rejects_test_commands=True,
             signal_extensions=frozenset({"gtccinfo"}),
+            usbnet="rndis",
+            usbnet_command="gtusbmode",
+            data_dial="gtrndis",
+            dial_modes=frozenset({"rndis"}),
+            contrdp_form="split",
         ),
         Personality(
             name="simcom",
@@ -88,6 +118,9 @@ PERSONALITIES: dict[str, Personality] = {
             apdu_colon_space=False,
             boot_urcs=("RDY", "+CPIN: READY", "SMS DONE", "PB DONE"),
             signal_extensions=frozenset({"cpsi"}),
+            usbnet="qmi",
+            data_dial="qcrmcall",
+            dial_modes=frozenset({"qmi"}),
         ),
         Personality(
             name="dell",
@@ -97,6 +130,7 @@ PERSONALITIES: dict[str, Personality] = {
             ccho_form="none",
             has_cchc=False,
             refresh="reset",
+            usbnet="mbim",
         ),
     )
 }

@@ -9,6 +9,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from hw_fixtures.card_api import ProfileSpec
+from hw_fixtures.personalities import USBNET_MODES
 
 REG_STATES = ("home", "roaming", "searching", "denied", "not_registered")
 SIM_STATES = ("ready", "pin", "puk", "absent")
@@ -90,6 +91,8 @@ class ModemConfig:
     sim_pin: str = "1234"
     pdp_auto: bool = True
     apn: str = "internet"
+    # USB network function (ecm, rndis, ncm, qmi, mbim); None: the personality's default
+    usbnet: str | None = None
     replies: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,6 +161,7 @@ def modem_from_table(table: dict[str, Any], index: int, file: str = "<scenario>"
         "eid",
         "pdp_auto",
         "apn",
+        "usbnet",
     }
     nested = {
         "signal",
@@ -198,6 +202,8 @@ def modem_from_table(table: dict[str, Any], index: int, file: str = "<scenario>"
         cfg.profiles = [_build(ProfileSpec, p, file, f"{key}.profiles") for p in table["profiles"]]
     if "replies" in table:
         cfg.replies = {str(k): str(v) for k, v in table["replies"].items()}
+    if cfg.usbnet is not None and cfg.usbnet not in USBNET_MODES:
+        raise ConfigError(file, f"{key}.usbnet", f"one of {USBNET_MODES}")
     if sum(p.enabled for p in cfg.profiles) > 1:
         raise ConfigError(file, f"{key}.profiles", "at most one profile may be enabled")
     return cfg
