@@ -1,4 +1,4 @@
-"""Emulator entry point: modems on ptys, a control socket, loopback data paths.
+"""Emulator entry point: modems on ptys, a control socket, loopback or real data paths.
 
 `python -m hw_fixtures.emulator [--vendor NAME] [--scenario FILE] ...` prints one JSON line
 describing the ports and runs until SIGTERM/SIGINT or a `shutdown` control request.
@@ -11,27 +11,65 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import structlog
 
 from agent.errors import ConfigError
+from hw_fixtures.addressing import (
+    MAX_MODEMS,
+    SERVER_ADDRESS,
+    ContextAddress,
+    gateway_interface,
+    netns_context,
+)
 from hw_fixtures.card_api import CardEvents, EmulatedCard, ProfileSpec
 from hw_fixtures.control import ControlRequestError, ControlServer
 from hw_fixtures.dataplane import HOST, DataPlane
 from hw_fixtures.modem_core import CoreError, ModemCore
-from hw_fixtures.personalities import PERSONALITIES, get_personality
+from hw_fixtures.personalities import PERSONALITIES, ROUTER_MODES, get_personality
 from hw_fixtures.pty_link import PtyLink
 from hw_fixtures.scenario import Delays, ModemConfig, default_modem, load_scenario
 
 log = structlog.get_logger(__name__)
 
 FAST_DELAYS = Delays(reattach=0.2, cops_scan=0.2, reset=0.2, response=0.0, degraded=0.3)
+IFNAMSIZ = 15
+
+
+@dataclass(frozen=True)
+class NetPlacement:
+    """Where one modem's real interface goes in netns mode."""
+
+    index: int  # position in the emulator: picks the 198.18.<index>.0/24 subnet
+    netns: str  # the operator namespace the emulator creates
+    interface: str  # the near end's name
+    agent_netns: str | None  # None: the emulator's own namespace
+
+
+def plan_placements(
+    configs: list[ModemConfig], agent_netns: str | None, ifname_prefix: str | None
+) -> list[NetPlacement]:
+    """Unique esa-<pid>-<tag>-<id> namespaces and short interface names for every modem."""
+    if len(configs) > MAX_MODEMS:
+        raise ConfigError("--modems", None, f"netns mode has room for {MAX_MODEMS} modems")
+    tag = secrets.token_hex(2)
+    prefix = ifname_prefix if ifname_prefix is not None else f"esa{tag}m"
+    out = []
+    for i, cfg in enumerate(configs):
+        ident = re.sub(r"[^A-Za-z0-9_]", "_", cfg.id)[:24]
+        ifname = f"{prefix}{i}"
+        if len(ifname) > IFNAMSIZ:
+            raise ConfigError("--ifname-prefix", None, f"{ifname!r} is longer than 15 chars")
+        out.append(NetPlacement(i, f"esa-{os.getpid()}-{tag}-{ident}", ifname, agent_netns))
+    return out
 
 
 def make_card(eid: str, profiles: list[ProfileSpec], events: CardEvents) -> EmulatedCard:
@@ -48,8 +86,15 @@ def make_card(eid: str, profiles: list[ProfileSpec], events: CardEvents) -> Emul
 class EmulatedModem:
     """One modem: core, pty, card and data-path endpoints wired together."""
 
-    def __init__(self, cfg: ModemConfig, loop: asyncio.AbstractEventLoop, link_dir: str) -> None:
+    def __init__(
+        self,
+        cfg: ModemConfig,
+        loop: asyncio.AbstractEventLoop,
+        link_dir: str,
+        net: NetPlacement | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.net = net
         self._loop = loop
         self._started = False
         personality = get_personality(cfg.vendor, refresh=cfg.refresh)
@@ -71,6 +116,33 @@ class EmulatedModem:
         )
         events.on_profile_change = self.core.on_profile_change
         self._replug_timer: asyncio.TimerHandle | None = None
+        self.opnet: Any = None
+        if net is not None:
+            from hw_fixtures.opnet import OperatorNetwork
+
+            index = net.index
+            self.core.address_plan = lambda cid: netns_context(index, cid)
+            self.opnet = OperatorNetwork(
+                name=net.netns,
+                interface=net.interface,
+                index=net.index,
+                agent_netns=net.agent_netns,
+                state=self._net_state,
+                grant=self._grant,
+                router=lambda: self.core.usbnet in ROUTER_MODES,
+                delay=lambda: self.core.delays.degraded,
+                count=self._count_traffic,
+            )
+
+    def _net_state(self) -> str:
+        """What the real interface passes: up, degraded or down (blackholed)."""
+        if not self.link.plugged or self.core.data_cid() is None:
+            return "down"
+        return self.core.link
+
+    def _grant(self) -> ContextAddress | None:
+        cid = self.core.data_cid()
+        return None if cid is None else self.core.address_plan(cid)
 
     def _count_traffic(self, rx: int, tx: int) -> None:
         # the core is built after the data plane, so it is looked up at call time
@@ -85,11 +157,21 @@ class EmulatedModem:
     def _changed(self) -> None:
         if self._started:
             self.dataplane.sync_soon()
+            if self.opnet is not None:
+                self.opnet.sync_soon()
+
+    async def sync(self) -> None:
+        """Bring every data path in line with the modem's state."""
+        await self.dataplane.sync()
+        if self.opnet is not None:
+            await self.opnet.sync()
 
     async def start(self) -> None:
-        """Open the pty and the endpoints."""
+        """Open the pty and the endpoints (and the operator network in netns mode)."""
         self.link.open()
         await self.dataplane.start()
+        if self.opnet is not None:
+            await self.opnet.start()
         self._started = True
 
     async def stop(self) -> None:
@@ -100,6 +182,8 @@ class EmulatedModem:
         if self.link.plugged:
             self.link.close()
         await self.dataplane.close()
+        if self.opnet is not None:
+            await self.opnet.close()
 
     def unplug(self, duration: float | None = None) -> None:
         """Vanish like a USB device; with duration, come back on a new pty afterwards."""
@@ -123,6 +207,27 @@ class EmulatedModem:
 
     def info(self) -> dict[str, Any]:
         """The per-modem entry of the start-up line."""
+        facts = self._loopback_info()
+        if self.net is not None:
+            grant = netns_context(self.net.index, 1)
+            facts.update(
+                {
+                    "interface": self.net.interface,
+                    "netns": self.net.netns,
+                    "agent_netns": self.net.agent_netns,
+                    "gateway": grant.gateway,
+                    "address": grant.address,
+                    "prefixlen": grant.prefix,
+                    "dns": list(grant.dns),
+                    "server": SERVER_ADDRESS,
+                    "operator_address": gateway_interface(self.net.index),
+                    "usbnet": self.core.usbnet,
+                    "dhcp": self.core.usbnet in ROUTER_MODES,
+                }
+            )
+        return facts
+
+    def _loopback_info(self) -> dict[str, Any]:
         return {
             "id": self.cfg.id,
             "port": self.link.port,
@@ -146,6 +251,19 @@ class EmulatedModem:
             "plugged": self.link.plugged,
             "data_path": self._path_state(),
             "served": dict(self.dataplane.served),
+            **self._net_status(),
+        }
+
+    def _net_status(self) -> dict[str, Any]:
+        if self.opnet is None:
+            return {}
+        return {
+            "net": {
+                "state": self.opnet.applied,
+                "netem": self.opnet.netem,
+                "loss": self.opnet.loss,
+                "requests": {k: len(v) for k, v in self.opnet.requests.items()},
+            }
         }
 
 
@@ -154,17 +272,21 @@ class Emulator:
 
     def __init__(self, modems: list[EmulatedModem], control_path: str) -> None:
         self.modems = modems
+        self.net = "netns" if any(m.net is not None for m in modems) else "loopback"
         self.by_id = {m.cfg.id: m for m in modems}
         self.control = ControlServer(control_path, self.handle)
         self.stopped = asyncio.Event()
 
     def ready_line(self) -> dict[str, Any]:
         """The first stdout line."""
-        return {
+        line: dict[str, Any] = {
             "port": self.modems[0].link.port,
             "control": self.control.path,
             "modems": [m.info() for m in self.modems],
         }
+        if self.net == "netns":
+            line["net"] = "netns"
+        return line
 
     def _modem(self, request: dict[str, Any]) -> EmulatedModem:
         ident = request.get("modem", self.modems[0].cfg.id)
@@ -198,7 +320,19 @@ class Emulator:
             elif cmd == "link":
                 if "delay" in params:
                     core.delays.degraded = float(params["delay"])
+                if "loss" in params and modem.opnet is not None:
+                    loss = float(params["loss"])
+                    if not 0.0 <= loss <= 100.0:
+                        raise ControlRequestError("loss is a percentage, 0..100")
+                    modem.opnet.loss = loss
+                    modem.opnet.applied = "unset"  # re-apply netem with the new figures
                 core.set_link(str(params.get("state")))
+            elif cmd == "requests":
+                if modem.opnet is None:
+                    raise ControlRequestError("requests needs --net netns")
+                reply = {"requests": modem.opnet.take_requests(bool(params.get("reset", False)))}
+            elif cmd == "pdp":
+                reply = self._pdp_op(modem, params)
             elif cmd == "sim":
                 core.set_sim(str(params.get("state")))
             elif cmd == "set_delays":
@@ -232,8 +366,19 @@ class Emulator:
                 raise ControlRequestError(f"unknown cmd {cmd!r}")
         except CoreError as exc:
             raise ControlRequestError(str(exc)) from exc
-        await modem.dataplane.sync()
+        await modem.sync()
         return {**modem.status(), **reply}
+
+    def _pdp_op(self, modem: EmulatedModem, params: dict[str, Any]) -> dict[str, Any]:
+        op = params.get("op", "list")
+        if op == "drop":
+            cid = params.get("cid")
+            if cid is not None and (isinstance(cid, bool) or not isinstance(cid, int)):
+                raise ControlRequestError("cid must be an integer")
+            return {"dropped": modem.core.drop_context(cid)}
+        if op != "list":
+            raise ControlRequestError(f"unknown pdp op {op!r}; have list, drop")
+        return {}
 
     def _profile_op(self, modem: EmulatedModem, params: dict[str, Any]) -> dict[str, Any]:
         op = params.get("op", "list")
@@ -269,10 +414,14 @@ async def run(
     control_path: str,
     link_dir: str,
     announce: Any = None,
+    placements: list[NetPlacement] | None = None,
 ) -> None:
     """Run the emulator until a signal or a shutdown request; announce(dict) gets the ready line."""
     loop = asyncio.get_running_loop()
-    modems = [EmulatedModem(cfg, loop, link_dir) for cfg in configs]
+    nets: list[NetPlacement | None] = list(placements) if placements else [None] * len(configs)
+    modems = [
+        EmulatedModem(cfg, loop, link_dir, net) for cfg, net in zip(configs, nets, strict=True)
+    ]
     emulator = Emulator(modems, control_path)
     try:
         for modem in modems:
@@ -327,6 +476,22 @@ def build_parser(prog: str = "hw_fixtures.emulator") -> argparse.ArgumentParser:
     )
     ap.add_argument("--fast", action="store_true", help="short delays for tests")
     ap.add_argument(
+        "--net",
+        choices=("loopback", "netns"),
+        default="loopback",
+        help="data path: loopback endpoints, or (root) a veth pair per modem into an "
+        "operator network namespace",
+    )
+    ap.add_argument(
+        "--agent-netns",
+        help="netns mode: namespace (name or path) for the modems' interfaces "
+        "(default: the emulator's own)",
+    )
+    ap.add_argument(
+        "--ifname-prefix",
+        help="netns mode: interface names are PREFIX<index> (default esa<tag>m<index>)",
+    )
+    ap.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -363,8 +528,17 @@ def main(argv: list[str] | None = None, prog: str = "hw_fixtures.emulator") -> i
     from agent import log as agent_log
 
     agent_log.configure(args.log_level)
+    placements: list[NetPlacement] | None = None
     try:
         configs = configs_from_args(args)
+        if args.net == "netns":
+            if os.geteuid() != 0:
+                raise ConfigError(
+                    "--net", None, "netns needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+                )
+            placements = plan_placements(configs, args.agent_netns, args.ifname_prefix)
+        elif args.agent_netns or args.ifname_prefix:
+            raise ConfigError("--agent-netns", None, "only with --net netns")
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
@@ -382,7 +556,7 @@ def main(argv: list[str] | None = None, prog: str = "hw_fixtures.emulator") -> i
         sys.stdout.flush()
 
     try:
-        asyncio.run(run(configs, control, link_dir, announce))
+        asyncio.run(run(configs, control, link_dir, announce, placements))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
