@@ -41,6 +41,7 @@ LOCAL_TABLE = 255
 NETLINK_TIMEOUT = 10.0
 IO_TIMEOUT = 10.0
 SERVERS = ("http", "tcp", "dns", "dhcp")
+BLACKHOLED_PROTOCOLS = (socket.IPPROTO_ICMP, socket.IPPROTO_TCP, socket.IPPROTO_UDP)
 
 
 @contextlib.contextmanager
@@ -212,17 +213,24 @@ class OperatorNetwork:
             blocked = want == "down"
             if blocked != (self.applied == "down"):
                 op = "add" if blocked else "del"
-                with contextlib.suppress(NetlinkError):
-                    await asyncio.wait_for(
-                        ipr.rule(
-                            op,
-                            family=socket.AF_INET,
-                            priority=BLACKHOLE_PRIORITY,
-                            iifname=FAR_IFNAME,
-                            action="FR_ACT_BLACKHOLE",
-                        ),
-                        NETLINK_TIMEOUT,
-                    )
+                # per IP protocol, so ARP still resolves the gateway: a blocked packet is
+                # dropped at once instead of waiting in the agent's neighbour queue
+                for proto in BLACKHOLED_PROTOCOLS:
+                    try:
+                        await asyncio.wait_for(
+                            ipr.rule(
+                                op,
+                                family=socket.AF_INET,
+                                priority=BLACKHOLE_PRIORITY,
+                                iifname=FAR_IFNAME,
+                                FRA_IP_PROTO=proto,
+                                action="FR_ACT_BLACKHOLE",
+                            ),
+                            NETLINK_TIMEOUT,
+                        )
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.EEXIST, errno.ENOENT):
+                            raise
             if blocked:
                 for writer in list(self._conns):
                     writer.transport.abort()
