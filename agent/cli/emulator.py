@@ -9,8 +9,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `emulator` command (parsed by hw_fixtures.emulator itself)."""
     p = sub.add_parser(
         "emulator",
-        help="run the serial modem emulator on a pty (see docs/emulator.md; "
-        "`esim-agent emulator --help` for its options)",
+        help="run the serial modem emulator on a pty; --net netns (root) adds real interfaces "
+        "(see docs/emulator.md; `esim-agent emulator --help` for its options)",
         add_help=False,
     )
     p.set_defaults(handler=_run)
