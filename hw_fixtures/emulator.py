@@ -320,12 +320,13 @@ class Emulator:
             elif cmd == "link":
                 if "delay" in params:
                     core.delays.degraded = float(params["delay"])
-                if "loss" in params and modem.opnet is not None:
-                    loss = float(params["loss"])
-                    if not 0.0 <= loss <= 100.0:
+                if modem.opnet is not None:
+                    loss = params.get("loss")
+                    if loss is not None and not 0.0 <= float(loss) <= 100.0:
                         raise ControlRequestError("loss is a percentage, 0..100")
-                    modem.opnet.loss = loss
-                    modem.opnet.applied = "unset"  # re-apply netem with the new figures
+                    modem.opnet.set_impairment(
+                        "delay" in params, None if loss is None else float(loss)
+                    )
                 core.set_link(str(params.get("state")))
             elif cmd == "requests":
                 if modem.opnet is None:

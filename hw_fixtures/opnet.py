@@ -119,6 +119,7 @@ class OperatorNetwork:
         self._delay = delay
         self._count = count
         self.loss = 10.0
+        self._dirty = False  # netem figures changed while degraded: apply them again
         self.requests: dict[str, list[str]] = {k: [] for k in SERVERS}
         self.applied = "unset"
         self.netem: bool | None = None  # None: not tried yet
@@ -207,8 +208,9 @@ class OperatorNetwork:
         """Make the blackhole rule and netem match state() now."""
         async with self._lock:
             want = self._state()
-            if self._ipr is None or want == self.applied:
+            if self._ipr is None or (want == self.applied and not self._dirty):
                 return
+            self._dirty = False
             ipr = self._ipr
             blocked = want == "down"
             if blocked != (self.applied == "down"):
@@ -239,19 +241,25 @@ class OperatorNetwork:
             log.info("emu_opnet_state", netns=self.name, state=want)
             self.applied = want
 
+    def set_impairment(self, delay_changed: bool = False, loss: float | None = None) -> None:
+        """New degraded figures: netem is re-applied at the next sync."""
+        if loss is not None:
+            self.loss = loss
+        self._dirty = self._dirty or delay_changed or loss is not None
+
     async def _set_netem(self, on: bool) -> None:
         assert self._ipr is not None
         if self.netem is False:
             return
-        if self.applied == "degraded" and self.netem:
-            with contextlib.suppress(NetlinkError):
-                await self._ipr.tc("del", "netem", index=self._far_index, handle="1:")
         if not on:
+            if self.netem:
+                with contextlib.suppress(NetlinkError):
+                    await self._ipr.tc("del", "netem", index=self._far_index, handle="1:")
             return
         try:
             await asyncio.wait_for(
                 self._ipr.tc(
-                    "add",
+                    "replace",
                     "netem",
                     index=self._far_index,
                     handle="1:",
