@@ -41,8 +41,9 @@ SCAN_STATUS = {"unknown": 0, "available": 1, "current": 2, "forbidden": 3}
 FAULT_KINDS = ("hang", "slow", "garbage", "partial", "urc_interleave", "reset")
 MAX_LINE = 4096
 PDP_TYPES = ("IP", "IPV6", "IPV4V6", "PPP", "NON-IP")
-# AT+GTUSBMODE numbers are module specific; the emulator reports these for its compositions
-FIBOCOM_USBMODE = {"ecm": 31, "rndis": 32, "mbim": 40, "ncm": 41, "qmi": 30}
+# AT+GTUSBMODE numbers are module specific: 32 ECM / 33 RNDIS as Fibocom's FM150/FG621/L610
+# manuals number them; 30, 40 and 41 are the emulator's own for its QMI, MBIM and NCM modes
+FIBOCOM_USBMODE = {"qmi": 30, "ecm": 32, "rndis": 33, "mbim": 40, "ncm": 41}
 
 
 class Cancellable(Protocol):

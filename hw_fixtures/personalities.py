@@ -106,7 +106,7 @@ PERSONALITIES: dict[str, Personality] = {
             usbnet="rndis",
             usbnet_command="gtusbmode",
             data_dial="gtrndis",
-            dial_modes=frozenset({"rndis"}),
+            dial_modes=frozenset({"ecm", "rndis"}),
             contrdp_form="split",
         ),
         Personality(

@@ -128,7 +128,7 @@ def test_fibocom_gtrndis(emu_factory: Factory) -> None:
     emu = emu_factory("--vendor", "fibocom")
     with PortReader(emu.port) as port:
         port.command("ATE0")
-        assert info_lines(port.command("AT+GTUSBMODE?")) == ["+GTUSBMODE: 32"]
+        assert info_lines(port.command("AT+GTUSBMODE?")) == ["+GTUSBMODE: 33"]
         assert info_lines(port.command("AT+GTRNDIS?")) == ["+GTRNDIS: 0"]
         port.command("AT+GTRNDIS=1,1")
         assert info_lines(port.command("AT+GTRNDIS?")) == ["+GTRNDIS: 1,1"]
