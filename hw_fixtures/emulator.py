@@ -132,6 +132,7 @@ class EmulatedModem:
                 router=lambda: self.core.usbnet in ROUTER_MODES,
                 delay=lambda: self.core.delays.degraded,
                 count=self._count_traffic,
+                plugged=lambda: self.link.plugged,
             )
 
     def _net_state(self) -> str:
@@ -261,6 +262,7 @@ class EmulatedModem:
             "net": {
                 "state": self.opnet.applied,
                 "netem": self.opnet.netem,
+                "carrier": self.opnet.carrier,
                 "loss": self.opnet.loss,
                 "requests": {k: len(v) for k, v in self.opnet.requests.items()},
             }

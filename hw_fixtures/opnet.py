@@ -107,6 +107,7 @@ class OperatorNetwork:
         router: Callable[[], bool],
         delay: Callable[[], float],
         count: Callable[[int, int], object] | None = None,
+        plugged: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name = name
         self.interface = interface
@@ -118,6 +119,8 @@ class OperatorNetwork:
         self._router = router
         self._delay = delay
         self._count = count
+        self._plugged = plugged
+        self.carrier = True
         self.loss = 10.0
         self._dirty = False  # netem figures changed while degraded: apply them again
         self.requests: dict[str, list[str]] = {k: [] for k in SERVERS}
@@ -208,7 +211,10 @@ class OperatorNetwork:
         """Make the blackhole rule and netem match state() now."""
         async with self._lock:
             want = self._state()
-            if self._ipr is None or (want == self.applied and not self._dirty):
+            if self._ipr is None:
+                return
+            await self._set_carrier(self._plugged())
+            if want == self.applied and not self._dirty:
                 return
             self._dirty = False
             ipr = self._ipr
@@ -240,6 +246,17 @@ class OperatorNetwork:
             await self._set_netem(want == "degraded")
             log.info("emu_opnet_state", netns=self.name, state=want)
             self.applied = want
+
+    async def _set_carrier(self, on: bool) -> None:
+        """An unplugged modem: the far end goes down, so the near end loses its carrier."""
+        if on == self.carrier or self._ipr is None:
+            return
+        state = "up" if on else "down"
+        await asyncio.wait_for(
+            self._ipr.link("set", index=self._far_index, state=state), NETLINK_TIMEOUT
+        )
+        self.carrier = on
+        log.info("emu_opnet_carrier", netns=self.name, carrier=on)
 
     def set_impairment(self, delay_changed: bool = False, loss: float | None = None) -> None:
         """New degraded figures: netem is re-applied at the next sync."""

@@ -282,6 +282,22 @@ def test_link_down_is_silent_while_the_modem_stays_registered(
     assert tcp_echo(agent_netns, facts["server"]) == b"ping"
 
 
+def test_unplug_drops_the_carrier_and_replug_restores_it(
+    netns_emu_factory: Factory, agent_netns: str
+) -> None:
+    emu = netns_emu_factory("--vendor", "generic")
+    facts = emu.modem("m0")
+    configure_interface(agent_netns, facts["interface"], facts["address"], 24, facts["gateway"])
+    emu.status()
+    assert tcp_echo(agent_netns, facts["server"]) == b"ping"
+    assert emu.control("unplug")["net"]["carrier"] is False
+    wait_until(lambda: link_info(agent_netns, facts["interface"])["carrier"] == 0)
+    assert blocked(lambda: tcp_echo(agent_netns, facts["server"], timeout=BLOCKED_TIMEOUT))
+    assert emu.control("replug")["net"]["carrier"] is True
+    wait_until(lambda: link_info(agent_netns, facts["interface"])["carrier"] == 1)
+    assert tcp_echo(agent_netns, facts["server"]) == b"ping"
+
+
 def test_degraded_link_adds_delay(netns_emu_factory: Factory, agent_netns: str) -> None:
     emu = netns_emu_factory("--vendor", "generic")
     facts = emu.modem("m0")
