@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 
 from hw_fixtures.addressing import contrdp_line, netns_context
 from hw_fixtures.dhcp_server import ACK, DISCOVER, NAK, OFFER, REQUEST, parse, reply
-from hw_fixtures.emulator import main as emulator_main
 from hw_fixtures.testing import EmulatorHandle, PortReader
 
 Factory = Callable[..., EmulatorHandle]
@@ -169,9 +170,17 @@ def test_generic_and_dell_need_no_vendor_connect(emu_factory: Factory) -> None:
                 assert port.command(command).endswith("ERROR\r\n")
 
 
-def test_netns_options_need_netns_mode(capsys: pytest.CaptureFixture[str]) -> None:
-    assert emulator_main(["--agent-netns", "esa-x"]) == 2
-    assert "only with --net netns" in capsys.readouterr().err
+def test_netns_options_need_netns_mode() -> None:
+    # a subprocess: main() configures logging for the whole process it runs in
+    done = subprocess.run(
+        [sys.executable, "-m", "hw_fixtures.emulator", "--agent-netns", "esa-x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "only with --net netns" in done.stderr
 
 
 # ------------------------------------------------------------------ pure parts
