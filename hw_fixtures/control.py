@@ -83,4 +83,7 @@ class ControlServer:
         except (ControlRequestError, ValueError, KeyError, TypeError) as exc:
             log.info("emu_control_rejected", error=str(exc))
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a failing request is reported, never a dropped connection
+            log.exception("emu_control_failed", error=str(exc))
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return {"ok": True, **reply}

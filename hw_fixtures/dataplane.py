@@ -114,14 +114,19 @@ class DataPlane:
         """Open or close the TCP listeners so they match the data-path state now."""
         async with self._lock:
             if self._answering():
-                if self._tcp is None:
-                    self._tcp = await asyncio.start_server(
-                        self._serve_tcp, HOST, self.tcp_port, reuse_address=True
-                    )
-                if self._http is None:
-                    self._http = await asyncio.start_server(
-                        self._serve_http, HOST, self.http_port, reuse_address=True
-                    )
+                try:
+                    if self._tcp is None:
+                        self._tcp = await asyncio.start_server(
+                            self._serve_tcp, HOST, self.tcp_port, reuse_address=True
+                        )
+                    if self._http is None:
+                        self._http = await asyncio.start_server(
+                            self._serve_http, HOST, self.http_port, reuse_address=True
+                        )
+                except OSError as exc:
+                    # while closed, another process's outgoing connection may have taken the
+                    # ephemeral port: stay closed (connect refused) and retry at the next sync
+                    log.warning("emu_dataplane_rebind_failed", error=str(exc))
                 return
             for server in (self._tcp, self._http):
                 if server is not None:
