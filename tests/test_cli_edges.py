@@ -167,10 +167,15 @@ def _walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, arg
 
 
 def test_every_argument_and_option_has_help() -> None:
+    from hw_fixtures.emulator import build_parser as emulator_parser
+
+    walked = [
+        *_walk(build_parser(), "esim-agent"),
+        *_walk(emulator_parser("esim-agent emulator"), "esim-agent emulator"),
+    ]
+    assert len(walked) > 100  # the whole tree, not one level of it
     missing = [
-        where
-        for where, action in _walk(build_parser(), "esim-agent")
-        if not action.help or action.help == argparse.SUPPRESS
+        where for where, action in walked if not action.help or action.help == argparse.SUPPRESS
     ]
     assert missing == []
 
