@@ -19,6 +19,7 @@ CONFIGS = sorted((ROOT / "config").glob("*.toml"))
 
 
 @pytest.mark.install
+@pytest.mark.timeout(600)  # pip fetches the dependencies; slow mirrors must not fail it
 def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path) -> None:
     """What the README does on Debian 12 / Ubuntu 24.04: a venv of its own, pip install, run."""
     dist = tmp_path / "dist"
