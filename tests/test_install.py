@@ -96,3 +96,17 @@ def test_one_default_control_socket_everywhere() -> None:
         if not path.startswith("/tmp/") and path != "control.sock"
     }
     assert set(agent_sockets) == {DEFAULT_CONTROL_SOCKET}, named
+
+
+def test_readme_install_block_names_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Install", 1)[1]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    shipped = re.findall(r"\b((?:systemd|config)/[\w.-]+)", block)
+    assert {"systemd/esim-agent.service", "systemd/70-esim-agent.rules"} <= set(shipped)
+    assert all((ROOT / path).is_file() for path in shipped), shipped
+    # The venv the unit runs is the one the block creates, and the CLI on PATH is the same one.
+    assert "python3 -m venv /opt/esim-agent" in block
+    assert "/opt/esim-agent/bin/pip install ." in block
+    assert "ln -sf /opt/esim-agent/bin/esim-agent /usr/local/bin/esim-agent" in block
+    assert "--config /etc/esim-agent/config.toml --check" in block
