@@ -102,7 +102,7 @@ def test_readme_install_block_names_files_that_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Install", 1)[1]
     block = section.split("```sh", 1)[1].split("```", 1)[0]
-    shipped = re.findall(r"\b((?:systemd|config)/[\w.-]+)", block)
+    shipped = re.findall(r"(?<![/\w])((?:systemd|config)/[\w.-]+)", block)
     assert {"systemd/esim-agent.service", "systemd/70-esim-agent.rules"} <= set(shipped)
     assert all((ROOT / path).is_file() for path in shipped), shipped
     # The venv the unit runs is the one the block creates, and the CLI on PATH is the same one.
