@@ -45,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _wants_json(args_list: Sequence[str]) -> bool:
     """--json on a command that prints data (demo's --json names a file instead)."""
-    return "--json" in args_list and "demo" not in args_list
+    words = iter(args_list)
+    command = None
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            command = word
+            break
+    return "--json" in args_list and command != "demo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
