@@ -240,3 +240,31 @@ async def test_a_reading_past_64_bits_is_refused_not_raised(tmp_path: Path) -> N
     await feed(tracker, HOME, 150)
     assert tracker.snapshot(HOME)["total_bytes"] == 150
     await tracker.close()
+
+
+@needs_root
+async def test_a_file_found_broken_when_the_disk_returns_is_set_aside(tiny_fs: TinyFs) -> None:
+    """The disk fills mid-run; meanwhile the file is damaged: recovery sets it aside, starts a
+    fresh one and writes everything counted in memory into it."""
+    db = tiny_fs.path / "usage.db"
+    sink = Sink()
+    tracker = await open_tracker(db, sink)
+    await feed(tracker, HOME, 0, 2_000)
+    tiny_fs.fill()
+    for i in range(1, 200):
+        await feed(tracker, f"89440000000000{i:05d}", 0, modem=f"x{i}")
+        if tracker.degraded:
+            break
+    assert tracker.degraded
+    await feed(tracker, HOME, 2_500)
+    tiny_fs.free()
+    for name in ("usage.db", "usage.db-wal", "usage.db-shm"):
+        (tiny_fs.path / name).unlink(missing_ok=True)
+    db.write_bytes(b"\xde\xad" * 2048)
+    tracker._next_retry = 0.0
+    await feed(tracker, HOME, 2_600)
+    assert not tracker.degraded
+    await tracker.close()
+    assert set_aside_files(tiny_fs.path)
+    assert file_total(db, HOME) == 2_600
+    assert len(sink.problems) == 1
