@@ -104,7 +104,7 @@ async def test_real_data_path_bytes_reach_the_store(
     assert snap["quota_bytes"] is None
     assert snap["percent"] is None
     assert snap["period_start"] == f"{snap['period']}-01T00:00:00Z"
-    tracker.store.close()
+    await tracker.close()
 
 
 async def test_modem_resets_in_the_middle_lose_no_bytes(
@@ -133,7 +133,7 @@ async def test_modem_resets_in_the_middle_lose_no_bytes(
     snap = tracker.snapshot(HOME)
     assert (snap["rx_bytes"], snap["tx_bytes"]) == (6_370, 1_180)
     assert tracker.store.segments(HOME) == 3
-    tracker.store.close()
+    await tracker.close()
 
 
 async def test_profile_switch_starts_a_session_for_the_new_iccid(
@@ -161,7 +161,7 @@ async def test_profile_switch_starts_a_session_for_the_new_iccid(
     await poll(tracker, modem)
     assert tracker.snapshot(HOME)["total_bytes"] == 915
     assert tracker.snapshot(TRAVEL)["total_bytes"] == 2_900
-    tracker.store.close()
+    await tracker.close()
 
 
 async def test_quota_alerts_fire_once_each_and_survive_a_restart(
@@ -187,7 +187,7 @@ async def test_quota_alerts_fire_once_each_and_survive_a_restart(
     assert [a.threshold for a in alerts.seen] == [50, 75, 90]
     snap = tracker.snapshot(HOME)
     assert (snap["total_bytes"], snap["quota_bytes"], snap["percent"]) == (9_100, 10_000, 91.0)
-    tracker.store.close()
+    await tracker.close()
 
     # Restart: a new store on the same file, a tracker that remembers nothing of the modem.
     again = Alerts()
@@ -198,7 +198,7 @@ async def test_quota_alerts_fire_once_each_and_survive_a_restart(
     assert await poll(restarted, modem) == []
     assert restarted.snapshot(HOME)["total_bytes"] == 9_700
     assert again.seen == []
-    restarted.store.close()
+    await restarted.close()
 
 
 async def test_shared_pool_counts_other_devices(tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ async def test_shared_pool_counts_other_devices(tmp_path: Path) -> None:
     )
     assert pool["period_start"] == "2024-06-01T00:00:00Z"
     assert [a.subject for a in alerts.seen] == ["pool:family"] * 3
-    tracker.store.close()
+    await tracker.close()
 
 
 async def test_no_iccid_or_no_counter_records_nothing(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ async def test_no_iccid_or_no_counter_records_nothing(tmp_path: Path) -> None:
     assert await tracker.sample("m0", HOME, None, new_session=True) == []
     assert tracker.store.segments(HOME) == 0
     assert tracker.snapshot(HOME)["total_bytes"] == 0
-    tracker.store.close()
+    await tracker.close()
 
 
 async def test_a_failing_alert_publisher_does_not_stop_accounting(tmp_path: Path) -> None:
@@ -249,4 +249,4 @@ async def test_a_failing_alert_publisher_does_not_stop_accounting(tmp_path: Path
     fired = await tracker.sample("m0", HOME, Counters(rx_bytes=95, tx_bytes=0), new_session=False)
     assert [a.threshold for a in fired] == [50, 75, 90]
     assert tracker.snapshot(HOME)["total_bytes"] == 95
-    tracker.store.close()
+    await tracker.close()

@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 STORE_TIMEOUT_S = 15.0  # opening the file at start, and finishing writes at close
 WRITE_WAIT_S = 2.0  # how long a sample waits for its write before leaving it queued
 RETRY_S = 30.0  # between attempts to bring a failed file back
+MAX_BACKLOG = 256  # writes queued behind a stuck disk before the file counts as failed
 #: Interface and modem counters disagree by framing (Ethernet headers on ECM/NCM links, local
 #: ARP/DHCP the modem never forwards) and by when each was read: tolerate this much.
 CROSSCHECK_TOLERANCE_BYTES = 1 << 20
@@ -105,6 +106,7 @@ class UsageTracker:
         self._pools: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._remote: dict[str, dict[str, int]] = {}
         self._pending: set[asyncio.Future[Any]] = set()
+        self._slow = False  # a write outlived WRITE_WAIT_S and others queue behind it
         # modem id -> (ICCID, ifindex) of its last interface reading, and the readings
         self._links: dict[str, tuple[str, int]] = {}
         self._link_prev: dict[str, LinkCounters] = {}
@@ -151,7 +153,8 @@ class UsageTracker:
 
     @property
     def store(self) -> UsageStore | None:
-        """The file store while it works; None while usage is counted in memory only."""
+        """The file store while it works; None while usage is counted in memory only. Its
+        connection belongs to the writer thread: read it only when no write is queued."""
         return self._file.store
 
     @property
@@ -464,9 +467,18 @@ class UsageTracker:
                 return  # memory has it; the next recovery writes the whole ledger
         fut = self._file.submit(self._file.apply_sync, op)
         self._track(fut)
+        if self._slow:
+            # Earlier writes are still queued behind a slow disk: memory has this reading, so
+            # waiting again would only hold up the poll (or the switch) that sampled it.
+            if len(self._pending) > MAX_BACKLOG:
+                self._failed(
+                    UsageStoreError(f"{self._file.path}: {len(self._pending)} writes queued")
+                )
+            return
         try:
             await asyncio.wait_for(asyncio.shield(fut), WRITE_WAIT_S)
         except TimeoutError:
+            self._slow = True
             log.warning("usage_store_slow", path=str(self._file.path), waited_s=WRITE_WAIT_S)
         except StoreUnavailable:
             pass
@@ -493,6 +505,8 @@ class UsageTracker:
 
     def _settled(self, fut: asyncio.Future[Any]) -> None:
         self._pending.discard(fut)
+        if not self._pending:
+            self._slow = False
         if fut.cancelled():
             return
         exc = fut.exception()
