@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 from pyroute2 import IPRoute, netns
+
+from hw_fixtures.netns_testing import create_netns, remove_netns, unique_name
 
 INTERNET = "198.19.0.1"
 TCP_PORT = 8080
@@ -94,21 +95,21 @@ def _link_up(ipr: IPRoute, ifname: str) -> int:
 
 @contextlib.contextmanager
 def make_lab(n: int) -> Iterator[Lab]:
-    """Create the namespaces and veths; yield the Lab; remove all of it whatever happens."""
-    sfx = secrets.token_hex(3)
-    agent = f"esa-ag-{sfx}"
+    """Create the namespaces and veths; yield the Lab; remove all of it whatever happens.
+
+    Names follow the emulator's esa-<pid>-<tag>-<what> scheme, so a crashed run's namespaces
+    are swept by the session fixture like every other test's.
+    """
     created: list[str] = []
     try:
-        netns.create(agent)
+        agent = create_netns(unique_name("agent"))
         created.append(agent)
         ops: list[Operator] = []
         for i in range(n):
-            op = f"esa-op{i}-{sfx}"
-            netns.create(op)
+            op = create_netns(unique_name(f"op{i}"))
             created.append(op)
             ops.append(Operator(ns=op, gateway=f"198.18.{i + 1}.1"))
         with IPRoute(netns=agent) as ipr:
-            _link_up(ipr, "lo")
             for i, op in enumerate(ops):
                 ipr.link(
                     "add", ifname=f"m{i}", kind="veth", peer={"ifname": f"u{i}", "net_ns_fd": op.ns}
@@ -116,15 +117,14 @@ def make_lab(n: int) -> Iterator[Lab]:
                 _link_up(ipr, f"m{i}")
         for i, op in enumerate(ops):
             with IPRoute(netns=op.ns) as ipr:
-                lo = _link_up(ipr, "lo")
+                lo = int(ipr.link_lookup(ifname="lo")[0])
                 ipr.addr("add", index=lo, address=INTERNET, prefixlen=32)
                 u = _link_up(ipr, f"u{i}")
                 ipr.addr("add", index=u, address=op.gateway, prefixlen=24)
         yield Lab(agent=agent, operators=ops)
     finally:
         for name in reversed(created):
-            with contextlib.suppress(OSError):
-                netns.remove(name)
+            remove_netns(name)
 
 
 def add_agent_address(lab: Lab, i: int) -> None:
