@@ -394,3 +394,39 @@ async def test_a_switch_re_creates_even_an_auto_context(
     assert states[0] == DataState.DOWN
     sent = history(emu)
     assert sent.index("AT+CGACT=0,1") < len(sent) - 1 - sent[::-1].index("AT+CGACT=1,1")
+
+
+# personality -> (usb mode, addressing, the vendor connect the emulator must have seen or None)
+NATIVE = {
+    "generic": (None, "static", None),
+    "quectel": ("ecm", "dhcp", "AT+QNETDEVCTL=1,1,1"),
+    "fibocom": ("rndis", "dhcp", "AT+GTRNDIS=1,1"),
+    "simcom": ("qmi", "static", "AT$QCRMCALL=1,1"),
+    "sierra": ("qmi", "static", "AT!SCACT=1,1"),
+}
+
+
+@pytest.mark.parametrize("vendor", list(NATIVE))
+async def test_emulator_personalities_connect_with_their_own_commands(
+    emu_factory: Callable[..., EmulatorHandle], vendor: str
+) -> None:
+    """Nothing canned: the emulator's personalities answer the data commands themselves."""
+    mode, addressing, connect = NATIVE[vendor]
+    emu = emu_factory("--vendor", vendor)
+    channel = await AtChannel.open(emu.port)
+    try:
+        conn = DataConnection(channel, vendor_by_name(vendor))
+        status = await conn.up(DataProfile(apn="internet.test"))
+        assert (status.state, status.usb_mode, status.addressing) == (
+            DataState.UP,
+            mode,
+            addressing,
+        )
+        assert status.addresses
+        assert emu.status()["data_cid"] == 1
+        if connect is not None:
+            assert connect in history(emu)
+        await conn.down()
+        assert emu.status()["data_cid"] is None
+    finally:
+        await channel.close()
