@@ -471,6 +471,10 @@ class ModemCore:
 
     def on_profile_change(self, profile: ProfileSpec | None) -> None:
         """Card event: the enabled profile changed; re-register later, after the reply is out."""
+        if profile is not None and self.p.refresh != "auto":
+            # Set now, not in the deferred part: the host's refresh (CFUN=0, read before the
+            # deferred call runs on a busy machine) must clear it, never be overtaken by it.
+            self.pending_refresh = True
         self._schedule(0.0, lambda: self._profile_switched(profile))
 
     def _profile_switched(self, profile: ProfileSpec | None) -> None:
@@ -482,12 +486,9 @@ class ModemCore:
                 profile.operator_name, profile.operator_name, profile.mcc_mnc
             )
         self._detach()
-        if profile is None:
-            return
-        if self.p.refresh == "auto":
+        if profile is not None:
+            # Attaches only once nothing is pending: at once for "auto", else after the refresh.
             self._schedule_attach()
-        else:
-            self.pending_refresh = True
 
     # -------------------------------------------------------------------- reset
 

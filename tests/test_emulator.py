@@ -539,6 +539,20 @@ def test_profile_switch_waits_for_reattach_delay() -> None:
     assert core.operator.mcc_mnc == "00102"
 
 
+def test_refresh_read_before_the_deferred_switch_still_registers() -> None:
+    # On a busy machine the host's CFUN=0/CFUN=1 can be read before the card's deferred
+    # profile-change callback runs; the modem must still register on the new profile.
+    core, _card, clock, out = make_core("sierra")
+    core.feed(b'ATE0\rAT+CCHO="A0"\r')
+    token = re.search(rb"\+CCHO: ([0-9a-f]+)", bytes(out))
+    assert token is not None
+    sid = token.group(1).decode()
+    core.feed(f'AT+CGLA={sid},8,"80310000"\rAT+CFUN=0\rAT+CFUN=1\r'.encode())
+    clock.advance(core.delays.reattach + 0.1)
+    assert core.reg_stat() == 1
+    assert core.operator.mcc_mnc == "00102"
+
+
 def test_command_line_splitting() -> None:
     cmds = split_command_line('ATE0V1+CMEE=2;+CGDCONT=1,"IP","a;b";!GSTATUS?')
     assert cmds is not None
