@@ -10,6 +10,7 @@ import tty
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -267,3 +268,26 @@ async def test_a_cancelled_command_does_not_leak_its_reply_into_the_next(peer: P
         peer.send(b"\r\nQuectel\r\n\r\nOK\r\n")  # the late answer to the cancelled command
         resp = await ch.command("AT+CSQ", timeout=2)
         assert resp.lines == ("+CSQ: 21,99",)
+
+
+async def test_secrets_never_reach_logs_or_errors(peer: Peer) -> None:
+    secret = "hunter2-pw"
+    async with await AtChannel.open(peer.path) as ch:
+        with structlog.testing.capture_logs() as logs:
+            peer.silent = True
+            with pytest.raises(AtTimeout) as timed_out:
+                await ch.command(f'AT+CGAUTH=1,1,"user","{secret}"', timeout=0.3)
+            peer.silent = False
+            peer.send(b"\r\nOK\r\n")
+            peer.script = lambda line: (
+                b"\r\n+CME ERROR: 16\r\n" if "CPIN=" in line else standard(line)
+            )
+            with pytest.raises(CmeError) as refused:
+                await ch.command('AT+CPIN="1234"', timeout=2)
+            peer.script = lambda line: b"\r\nERROR\r\n" if "CGAUTH" in line else standard(line)
+            with pytest.raises(AtError) as plain:
+                await ch.command(f'AT+CGAUTH=1,1,"user","{secret}"', timeout=2)
+    texts = [str(timed_out.value), str(refused.value), str(plain.value), repr(logs)]
+    assert all(secret not in t and "1234" not in t for t in texts)
+    assert any(e["event"] == "at_timeout" and "***" in e["command"] for e in logs)
+    assert plain.value.command == 'AT+CGAUTH=1,1,"***","***"'

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from agent.at.lines import LineReader
+from agent.at.redact import loggable
 from agent.errors import AtError, AtTimeout, CmeError, CmsError, PortGoneError
 from agent.transport.serial_port import SerialPort
 
@@ -259,7 +260,7 @@ class AtChannel:
                 log.warning(
                     "at_timeout",
                     port=self.port,
-                    command=command,
+                    command=loggable(command),
                     timeout_s=timeout,
                     consecutive=self.consecutive_timeouts,
                 )
@@ -288,13 +289,14 @@ class AtChannel:
         # Register the waiter before writing so a fast reply cannot be missed.
         self._pending = pending
         try:
-            log.debug("at_send", port=self.port, command=command)
+            log.debug("at_send", port=self.port, command=loggable(command))
             await self._port.write(command.encode("latin-1", "replace") + b"\r", timeout=timeout)
             async with asyncio.timeout(timeout):
                 return await pending.future
         except TimeoutError as exc:
             raise AtTimeout(
-                f"{self.port}: no reply to {command} within {timeout:g} s", command
+                f"{self.port}: no reply to {loggable(command)} within {timeout:g} s",
+                loggable(command),
             ) from exc
         except asyncio.CancelledError:
             # The modem will still answer: its late reply must not answer the next command.
@@ -356,10 +358,12 @@ class AtChannel:
             pending.lines.append(line)
 
     def _finish(self, pending: _Pending, kind: str, line: str) -> None:
-        cmd = pending.command
         if kind == "ok":
-            pending.future.set_result(AtResponse(cmd, tuple(pending.lines), line))
-        elif kind == "cme":
+            pending.future.set_result(AtResponse(pending.command, tuple(pending.lines), line))
+            return
+        # Errors end up in logs and on terminals: never with a password or PIN in them.
+        cmd = loggable(pending.command)
+        if kind == "cme":
             code, text = parse_error_code(line)
             pending.future.set_exception(CmeError(code, text, cmd, line))
         elif kind == "cms":

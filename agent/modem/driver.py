@@ -11,6 +11,7 @@ import structlog
 
 from agent.at import parsers
 from agent.at.channel import AtChannel, AtResponse, line_prefix
+from agent.at.redact import loggable
 from agent.errors import AtError, AtTimeout, CmeError, ParseError
 from agent.models import (
     Identity,
@@ -103,7 +104,7 @@ class Modem:
         except AtTimeout:
             raise
         except AtError as exc:
-            log.debug("at_rejected", port=self.port, command=command, error=str(exc))
+            log.debug("at_rejected", port=self.port, command=loggable(command), error=str(exc))
             return None
 
     async def identity(self) -> Identity:
