@@ -375,3 +375,9 @@ def test_cgla_reply_length_counts_hex_characters() -> None:
         parsers.parse_cgla("+CGLA: 4, 611A")
     with pytest.raises(ParseError):
         parsers.parse_ccho("+CCHO: session one")
+
+
+@pytest.mark.parametrize("reply", ["63C:", "63CG", "6 C3", "9x00"])
+def test_csim_status_word_must_be_hex(reply: str) -> None:
+    with pytest.raises(ParseError):
+        parsers.csim_pin_retries(reply)

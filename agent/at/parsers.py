@@ -1144,6 +1144,8 @@ def csim_pin_retries(hex_: str) -> int:
     if len(hex_) < 4:
         raise ParseError("response shorter than a status word", hex_)
     sw = hex_[-4:].upper()
+    if not re.fullmatch(r"[0-9A-F]{4}", sw):
+        raise ParseError("status word is not hex", hex_)
     if sw[:3] == "63C":
         return int(sw[3], 16)
     if sw == "6300":
