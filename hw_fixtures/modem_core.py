@@ -83,6 +83,8 @@ class Faults:
     urc_interleave: int = 0
     urc_text: str | None = None
     garbage_next: bytes | None = None
+    #: command line (upper case) -> CME error code answered the next time it comes, once
+    error_once: dict[str, int] = field(default_factory=dict)
 
 
 class ModemCore:
@@ -260,6 +262,10 @@ class ModemCore:
         self.history.append(line)
         self.commands_seen += 1
         log.debug("emu_command", modem=self.cfg.id, line=line)
+        once = self.faults.error_once.pop(line.strip().upper(), None)
+        if once is not None:
+            self._respond([frame_final(once, self.verbose, self.cmee)], self.delays.response, None)
+            return
         canned = self._canned(line)
         if canned is not None:
             self._respond([canned], self.delays.response, None)
@@ -1379,6 +1385,9 @@ class ModemCore:
         elif kind == "urc_interleave":
             self.faults.urc_interleave = int(params.get("count", 1))
             self.faults.urc_text = params.get("urc")
+        elif kind == "error_once":
+            command = str(params.get("command", "AT+CPIN?")).strip().upper()
+            self.faults.error_once[command] = int(params.get("code", 10))
         elif kind == "reset":
             self.start_reset()
         else:
@@ -1407,6 +1416,8 @@ class ModemCore:
             self.faults.garbage_next = None
         if kind in (None, "urc_interleave"):
             self.faults.urc_interleave = 0
+        if kind in (None, "error_once"):
+            self.faults.error_once.clear()
         self._pump()
 
     def status(self) -> dict[str, Any]:

@@ -571,3 +571,26 @@ async def test_a_shared_pool_counts_what_sibling_devices_report(make_stack: Stac
     )
     assert "stranger" not in ours["remote_bytes"]
     assert ours["total_bytes"] == ours["local_bytes"] + 9_500
+
+
+async def test_one_error_reply_to_a_status_query_is_not_an_outage(make_stack: StackFactory) -> None:
+    # Issue 8: one "+CME ERROR: 10" (SIM not inserted) to AT+CPIN? used to take the primary
+    # down at once and fail over. Now it is one strike, confirmed like a failed probe.
+    stack = await make_stack()
+    mark = stack.mark()
+    await stack.control("fault", modem="m0", kind="error_once", command="AT+CPIN?", code=10)
+    # The daemon's next poll reads the error: the modem state shows the SIM absent ...
+    await stack.wait_json("modems/m0", lambda m: m["sim"]["state"] == "absent", STEP_S, mark)
+    # ... and the poll after it reads it ready again.
+    await stack.wait_json("modems/m0", lambda m: m["sim"]["state"] == "ready", STEP_S, mark)
+    assert stack.watcher is not None
+    health = [
+        json.loads(payload)
+        for topic, payload, *_ in stack.watcher.messages[mark:]
+        if topic.endswith("/health/primary")
+    ]
+    assert all(h["status"] != "down" for h in health), health
+    assert [t["kind"] for t in stack.transitions()] == ["initial"]
+    status = await control_call(stack.socket, "status", {}, timeout=10)
+    assert isinstance(status, dict)
+    assert status["active_layer"] == "primary"

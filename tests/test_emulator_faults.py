@@ -92,6 +92,16 @@ def test_urc_inside_the_next_responses(emu: EmulatorHandle, port: PortReader) ->
     assert "QIND" not in port.command("AT+CGDCONT?")
 
 
+def test_error_once_answers_one_command_with_a_cme_error(
+    emu: EmulatorHandle, port: PortReader
+) -> None:
+    port.command("AT+CMEE=1")
+    emu.control("fault", kind="error_once", command="at+cpin?", code=10)
+    assert port.command("AT+CSQ").endswith("\r\nOK\r\n")  # other commands are untouched
+    assert port.command("AT+CPIN?") == "\r\n+CME ERROR: 10\r\n"
+    assert "READY" in port.command("AT+CPIN?")  # once only
+
+
 def test_spontaneous_reset(emu: EmulatorHandle, port: PortReader) -> None:
     port.command("AT+CEREG=1")
     emu.control("set_delays", reattach=30)
