@@ -594,3 +594,7 @@ async def test_one_error_reply_to_a_status_query_is_not_an_outage(make_stack: St
     status = await control_call(stack.socket, "status", {}, timeout=10)
     assert isinstance(status, dict)
     assert status["active_layer"] == "primary"
+    # The primary's probes were counted and booked in the ledger against its profile.
+    primary = next(layer for layer in status["layers"] if layer["name"] == "primary")
+    assert primary["probe_bytes"]["tx"] > 0
+    assert primary["probe_usage"]["by_profile"].get(PRIMARY, 0) > 0

@@ -192,11 +192,26 @@ async def test_probe_bytes_in_the_ledger(tmp_path: Path) -> None:
         await tracker.record_probe_bytes("failover", None, 100, 0)
         await tracker.record_probe_bytes("failover", None, 0, 0)
         primary = tracker.probe_snapshot("primary")
+        assert primary is not None
         assert primary["tx_bytes"] == 364
         assert primary["rx_bytes"] == 308
         assert primary["by_profile"] == {HOME: 616, TRAVEL: 56}
-        assert tracker.probe_snapshot("failover")["by_profile"] == {"-": 100}
-        assert tracker.probe_snapshot("nosuch")["total_bytes"] == 0
+        assert tracker.probe_snapshot("failover") == {
+            "layer": "failover",
+            "period": "2024-06",
+            "tx_bytes": 100,
+            "rx_bytes": 0,
+            "total_bytes": 100,
+            "by_profile": {"-": 100},
+        }
+        assert tracker.probe_snapshot("nosuch") == {
+            "layer": "nosuch",
+            "period": "2024-06",
+            "tx_bytes": 0,
+            "rx_bytes": 0,
+            "total_bytes": 0,
+            "by_profile": {},
+        }
     finally:
         await tracker.close()
 

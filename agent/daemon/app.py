@@ -631,6 +631,8 @@ class Daemon:
                     "probe_bytes": {"tx": mon.probe_tx_bytes, "rx": mon.probe_rx_bytes}
                     if mon
                     else None,
+                    # This period's probe bytes from the ledger (in memory: no disk on the loop).
+                    "probe_usage": self.usage.probe_snapshot(layer.name) if self.usage else None,
                 }
             )
         modems = []

@@ -401,9 +401,15 @@ class UsageTracker:
             return
         await self._persist(op)
 
-    def probe_snapshot(self, layer: str) -> dict[str, Any]:
-        """JSON-ready probe bytes of a layer this period (for status), from memory."""
-        out: dict[str, Any] = msgspec.to_builtins(self.memory.probe_totals(layer, self._clock()))
+    def probe_snapshot(self, layer: str) -> dict[str, Any] | None:
+        """JSON-ready probe bytes of a layer this period (for status), from memory; None when
+        the ledger cannot say."""
+        try:
+            usage = self.memory.probe_totals(layer, self._clock())
+        except sqlite3.Error as exc:
+            log.warning("usage_probe_snapshot_failed", layer=layer, error=str(exc))
+            return None
+        out: dict[str, Any] = msgspec.to_builtins(usage)
         return out
 
     async def remote_usage(self, pool: str, device: str, used_bytes: int) -> list[QuotaAlert]:
