@@ -8,6 +8,7 @@ from collections.abc import Callable, Generator, Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from hw_fixtures import pki
 from hw_fixtures.netns_testing import (
     cleanup_emulator,
     create_netns,
@@ -17,6 +18,7 @@ from hw_fixtures.netns_testing import (
     sweep_stale,
     unique_name,
 )
+from hw_fixtures.pki import TestPki
 from hw_fixtures.testing import EmulatorHandle, start_emulator
 
 # Hypothesis budgets: "default" in CI (each property's own max_examples, else 100), "fuzz" for
@@ -107,3 +109,12 @@ def netns_emu_factory(agent_netns: str) -> Iterator[Callable[..., EmulatorHandle
     yield start
     for handle in handles:
         cleanup_emulator(handle)
+
+
+# ------------------------------------------------------------------ eSIM download test PKI
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """One SGP.26-shaped PKI per test session, generated at run time and written to a temp dir."""
+    return pki.generate().write(tmp_path_factory.mktemp("pki"))
