@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hw_fixtures.card_api import ISD_R_AID, CardEvents, ProfileSpec
+
+if TYPE_CHECKING:
+    from hw_fixtures.euicc_download import DownloadEngine
 
 SW_OK = b"\x90\x00"
 MAX_CHANNELS = 4  # basic channel 0 plus three logical channels, as most eUICCs report
@@ -96,6 +100,7 @@ class Notification:
     operation: str
     iccid: str
     address: str = SMDP_ADDRESS
+    raw: bytes | None = None  # the whole signed notification when the card made it (install)
 
 
 @dataclass
@@ -131,6 +136,7 @@ class EmulatedEuicc:
         self.refuse_info2: bool = False  # answer EUICCInfo2 with 6D00, as some cards do
         self.max_response: int = 256  # longer responses are fetched with 61xx/GET RESPONSE
         self.log: list[str] = []  # top-level tags of ES10 requests seen, hex
+        self.download: DownloadEngine | None = None  # profile download (ES10b), when given keys
 
     # -------------------------------------------------------------- EmulatedCard
 
@@ -249,8 +255,12 @@ class EmulatedEuicc:
         state.request.clear()
         state.next_block = 0
         try:
-            response = self._es10(request)
-        except _Malformed:
+            if self.download is not None and self.download.handles(request):
+                self.log.append(request[:2].hex().upper())
+                response: bytes | None = self.download.process(request)
+            else:
+                response = self._es10(request)
+        except (_Malformed, ValueError):
             return _sw(0x6A80)
         if response is None:
             return _sw(0x6D00)
@@ -295,17 +305,40 @@ class EmulatedEuicc:
         self.notifications.append(Notification(self.next_seq, operation, profile.iccid))
         self.next_seq += 1
 
+    def queue_install_notification(
+        self, seq: int, pir: bytes, profile: ProfileSpec | None, address: str
+    ) -> None:
+        """Called by the download engine: the installed profile (if any) and its result."""
+        if profile is not None:
+            self.profiles.append(profile)
+        iccid = profile.iccid if profile is not None else ""
+        self.notifications.append(Notification(seq, "install", iccid, address, raw=pir))
+
+    def info2_response(self) -> bytes:
+        """EUICCInfo2 as euiccSigned1 carries it, even when the knob refuses the function."""
+        refuse, self.refuse_info2 = self.refuse_info2, False
+        try:
+            info2 = self._info2([])
+        finally:
+            self.refuse_info2 = refuse
+        assert info2 is not None
+        return info2
+
+    def _ci_keys(self) -> bytes:
+        ids = self.download.ci_key_ids if self.download else [bytes.fromhex(CI_KEY_ID)]
+        return b"".join(_tlv(0x04, k) for k in ids)
+
     def _get_euicc_data(self, fields: list[tuple[int, bytes]]) -> bytes:
         return _tlv(0xBF3E, _tlv(0x5A, bytes.fromhex(self.eid)))
 
     def _info1(self, fields: list[tuple[int, bytes]]) -> bytes:
-        keys = _tlv(0x04, bytes.fromhex(CI_KEY_ID))
+        keys = self._ci_keys()
         return _tlv(0xBF20, _tlv(0x82, b"\x02\x02\x00") + _tlv(0xA9, keys) + _tlv(0xAA, keys))
 
     def _info2(self, fields: list[tuple[int, bytes]]) -> bytes | None:
         if self.refuse_info2:
             return None
-        keys = _tlv(0x04, bytes.fromhex(CI_KEY_ID))
+        keys = self._ci_keys()
         ext = _tlv(0x81, bytes([len(self.profiles)])) + _tlv(0x82, (412_000).to_bytes(3, "big"))
         ext += _tlv(0x83, (15_000).to_bytes(2, "big"))
         body = (
@@ -438,7 +471,7 @@ class EmulatedEuicc:
             _tlv(0x80, _int(n.seq))
             + _tlv(0x81, bytes([7 - bit, 0x80 >> bit]))
             + _tlv(0x0C, n.address.encode())
-            + _tlv(0x5A, iccid_to_bcd(n.iccid))
+            + (_tlv(0x5A, iccid_to_bcd(n.iccid)) if n.iccid else b"")
         )
         return _tlv(0xBF2F, body)
 
@@ -467,6 +500,9 @@ class EmulatedEuicc:
             return _tlv(0xBF2B, _tlv(0x81, b"\x01"))
         out = b""
         for n in chosen:
+            if n.raw is not None:
+                out += n.raw
+                continue
             meta = self._metadata(n)
             signature = hashlib.sha256(self.eid.encode() + meta).digest() * 2
             out += _tlv(0x30, meta + _tlv(0x5F37, signature) + _tlv(0x30, b"") + _tlv(0x30, b""))
