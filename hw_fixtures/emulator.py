@@ -72,15 +72,23 @@ def plan_placements(
     return out
 
 
-def make_card(eid: str, profiles: list[ProfileSpec], events: CardEvents) -> EmulatedCard:
-    """The eUICC engine if it is installed, else a channel-only stand-in."""
+def make_card(
+    eid: str, profiles: list[ProfileSpec], events: CardEvents, download_pki: str | None = None
+) -> EmulatedCard:
+    """The eUICC engine if it is installed, else a channel-only stand-in; with a test PKI
+    directory the eUICC also downloads profiles."""
     try:
         from hw_fixtures.euicc import EmulatedEuicc
     except ImportError:
         from hw_fixtures.basic_card import BasicCard
 
         return BasicCard(eid, profiles, events)
-    return EmulatedEuicc(eid, profiles, events)
+    card = EmulatedEuicc(eid, profiles, events)
+    if download_pki is not None:
+        from hw_fixtures.euicc_download import CardKeys, DownloadEngine
+
+        card.download = DownloadEngine(card, CardKeys.from_directory(download_pki))
+    return card
 
 
 class EmulatedModem:
@@ -99,7 +107,7 @@ class EmulatedModem:
         self._started = False
         personality = get_personality(cfg.vendor, refresh=cfg.refresh)
         events = CardEvents()
-        self.card = make_card(cfg.eid, cfg.profiles, events)
+        self.card = make_card(cfg.eid, cfg.profiles, events, cfg.download_pki)
         self.link = PtyLink(loop, self._on_data, os.path.join(link_dir, cfg.id))
         self.dataplane = DataPlane(
             self._path_state,
@@ -479,6 +487,10 @@ def build_parser(prog: str = "hw_fixtures.emulator") -> argparse.ArgumentParser:
     )
     ap.add_argument("--fast", action="store_true", help="short delays for tests")
     ap.add_argument(
+        "--pki",
+        help="test PKI directory (hw_fixtures.pki): every eUICC can download profiles with it",
+    )
+    ap.add_argument(
         "--net",
         choices=("loopback", "netns"),
         default="loopback",
@@ -518,6 +530,9 @@ def configs_from_args(args: argparse.Namespace) -> list[ModemConfig]:
         configs[0].profiles = [_parse_profile(p, i) for i, p in enumerate(args.profile)]
         if not any(p.enabled for p in configs[0].profiles):
             configs[0].profiles[0].enabled = True
+    if args.pki:
+        for cfg in configs:
+            cfg.download_pki = args.pki
     if args.fast:
         for cfg in configs:
             cfg.delays = Delays(**vars(FAST_DELAYS))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from hw_fixtures import rsp_crypto as rc
 from hw_fixtures.card_api import ProfileSpec
@@ -41,6 +42,7 @@ class CardKeys:
     euicc_cert: bytes  # DER
     eum_cert: bytes  # DER
     ci_certs: dict[bytes, x509.Certificate]  # by subjectKeyIdentifier
+    eid: bytes  # from the eUICC certificate's serialNumber: the KDF's SharedInfo uses it
 
     @classmethod
     def from_pki(cls, pki: TestPki) -> CardKeys:
@@ -50,6 +52,7 @@ class CardKeys:
             euicc_cert=pki.euicc.cert_der(),
             eum_cert=pki.eum.cert_der(),
             ci_certs={pki.ci_key_id: pki.ci.cert},
+            eid=bytes.fromhex(pki.eid),
         )
 
     @classmethod
@@ -64,12 +67,14 @@ class CardKeys:
             with open(os.path.join(directory, f"{name}.pem"), "rb") as f:
                 certs[name] = x509.load_pem_x509_certificate(f.read())
         ski = certs["ci"].extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        serial = certs["euicc"].subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         der = serialization.Encoding.DER
         return cls(
             euicc_key=key,
             euicc_cert=certs["euicc"].public_bytes(der),
             eum_cert=certs["eum"].public_bytes(der),
             ci_certs={ski.value.digest: certs["ci"]},
+            eid=bytes.fromhex(str(serial[0].value)),
         )
 
 
@@ -369,7 +374,7 @@ class DownloadEngine:
             shared = rc.ecka(session.ot_key, otpk[0])
         except ValueError as exc:
             raise _InstallError(CMD_ISC, ERR_INPUT) from exc
-        mcv, s_enc, s_mac = rc.session_keys(shared, host_id[0], bytes.fromhex(self.card.eid))
+        mcv, s_enc, s_mac = rc.session_keys(shared, host_id[0], self.keys.eid)
         session.scp = rc.Scp03t(s_enc, s_mac, mcv)
 
     def _member(self, session: _Session, whole: bytes) -> None:

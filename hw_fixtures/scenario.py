@@ -94,6 +94,8 @@ class ModemConfig:
     # USB network function (ecm, rndis, ncm, qmi, mbim); None: the personality's default
     usbnet: str | None = None
     replies: dict[str, str] = field(default_factory=dict)
+    # Directory written by hw_fixtures.pki: the eUICC can then download profiles (ES10b).
+    download_pki: str | None = None
 
 
 def luhn_complete(digits14: str) -> str:

@@ -68,6 +68,41 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--yes", action="store_true", help="confirm the deletion")
     p.set_defaults(handler=_delete)
 
+    p = _common(
+        psub.add_parser("download", help="download and install a profile from an activation code")
+    )
+    p.add_argument(
+        "--code",
+        required=True,
+        help="activation code as printed or scanned, e.g. 'LPA:1$smdp.example.com$MATCHING-ID'",
+    )
+    p.add_argument(
+        "--confirmation-code", default=None, metavar="C", help="the operator's confirmation code"
+    )
+    p.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:ADDR",
+        help="connect to ADDR for the SM-DP+ HOST:PORT (test networks; TLS still checks HOST)",
+    )
+    p.add_argument(
+        "--ci-cert",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="CI root certificate(s) the SM-DP+ TLS certificate must chain to, repeatable "
+        "(required: no GSMA CI is bundled; default $ESIM_AGENT_CI_CERTS, colon-separated)",
+    )
+    p.add_argument(
+        "--bpp-apdu-timeout",
+        type=positive_seconds,
+        default=240.0,
+        metavar="S",
+        help="deadline of one APDU while the profile package loads (default 240)",
+    )
+    p.set_defaults(handler=_download, timeout=900.0)
+
     notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
     nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
     _common(nsub.add_parser("list", help="queued notifications")).set_defaults(handler=_nlist)
@@ -430,3 +465,104 @@ def _nremove(args: argparse.Namespace) -> int:
         lambda r: print(f"notification {r['seq_number']} removed"),
         ("notification_remove", {"seq_number": args.seq}),
     )
+
+
+def _ci_certs(args: argparse.Namespace) -> list[str]:
+    import os
+
+    if args.ci_cert:
+        return list(args.ci_cert)
+    env = os.environ.get("ESIM_AGENT_CI_CERTS", "")
+    return [p for p in env.split(":") if p]
+
+
+class _DownloadView:
+    """A rich progress bar (phase and package bytes) on a terminal; nothing otherwise."""
+
+    def __init__(self) -> None:
+        from agent.cli.progress import interactive
+
+        self._progress: Any = None
+        self._task: Any = None
+        if interactive():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description:<12}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+
+    def __enter__(self) -> _DownloadView:
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("authenticate", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, phase: Any, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(
+                self._task, description=str(phase), completed=done, total=total or None
+            )
+
+
+def _download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.euicc.activation import ActivationCodeError, parse_activation_code
+    from agent.euicc.es9 import Es9Client, Resolve
+
+    try:
+        code = parse_activation_code(args.code)
+        resolve = [Resolve.parse(r) for r in args.resolve]
+    except (ActivationCodeError, AgentError) as exc:
+        error(str(exc), "usage")
+        return _EXIT_USAGE
+    certs = _ci_certs(args)
+    if not certs:
+        error(
+            "no CI root certificate: pass --ci-cert PEM (or set ESIM_AGENT_CI_CERTS); "
+            "no GSMA CI certificate is bundled",
+            "config",
+        )
+        return _EXIT_USAGE
+    try:
+        es9 = Es9Client(code.smdp_address, [Path(c) for c in certs], resolve=resolve)
+    except AgentError as exc:
+        error(str(exc), "config")
+        return _EXIT_USAGE
+
+    async def action(lpa: Any, _modem: Any) -> Any:
+        from agent.euicc.download import Downloader
+
+        with _DownloadView() as view:
+            return await Downloader(
+                lpa,
+                es9,
+                code,
+                confirmation_code=args.confirmation_code,
+                progress=view.update,
+                bpp_apdu_timeout=args.bpp_apdu_timeout,
+            ).run()
+
+    def render(result: Any) -> None:
+        what = ", ".join(x for x in (result.profile_name, result.service_provider_name) if x)
+        print(f"{result.iccid} installed{f' ({what})' if what else ''} from {result.smdp_address}")
+        if not result.notification_sent:
+            print("the install notification is still pending: `esim-agent notification list`")
+
+    return _run(args, action, render)
