@@ -75,7 +75,7 @@ def test_info_json_for_every_personality(vendor_emu: EmulatorHandle) -> None:
     assert data["signal"]["rssi_dbm"] == -83
     assert data["signal"]["rsrp_dbm"] == -104
     assert data["signal"]["rsrq_db"] == -12
-    if status["vendor"] == "quectel":
+    if status["vendor"] in ("quectel", "simcom"):  # AT+QCSQ/AT+QENG, AT+CPSI?
         assert data["signal"]["sinr_db"] == 7
     else:
         assert data["signal"]["sinr_db"] is None

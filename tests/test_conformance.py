@@ -89,3 +89,13 @@ def test_local_copy_passes_too() -> None:
 @pytest.mark.skipif(not (SHARED.is_file() and LOCAL.is_file()), reason="one copy absent")
 def test_local_copy_is_in_sync_with_shared() -> None:
     assert _load(LOCAL) == _load(SHARED)
+
+
+FIELD = Path(__file__).resolve().parent / "fixtures/at-replies-field.json"
+FIELD_ENTRIES = _load(FIELD)
+
+
+@pytest.mark.parametrize("entry", FIELD_ENTRIES, ids=[e["id"] for e in FIELD_ENTRIES])
+def test_field_reply_matches_expectation(entry: dict[str, Any]) -> None:
+    # Replies real modems send that this project once misread (issue 9); same checker as above.
+    assert _check(entry) == []

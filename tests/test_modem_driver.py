@@ -223,3 +223,87 @@ async def test_signal_unknown_when_radio_is_off(quectel: EmulatorHandle) -> None
         assert await modem.cfun() == 4
     finally:
         await modem.close()
+
+
+def _scenario(tmp_path: Path, vendor: str, replies: dict[str, str], **extra: str) -> Path:
+    path = tmp_path / "replies.toml"
+    lines = ["[[modem]]", f'vendor = "{vendor}"']
+    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()]
+    lines.append("[modem.replies]")
+    for command, reply in replies.items():
+        body = (
+            reply.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "\\n")
+        )
+        cmd = command.replace('"', '\\"')
+        lines.append(f'"{cmd}" = "{body}"')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+async def test_simcom_reports_sinr_from_cpsi() -> None:
+    with start_emulator("--vendor", "simcom", "--fast") as emu:
+        emu.control("set_signal", rssi_dbm=-81, rsrp_dbm=-101, rsrq_db=-11, sinr_db=9)
+        modem = await open_probed(emu.port)
+        try:
+            sig = await modem.signal()
+            assert (sig.rssi_dbm, sig.rsrp_dbm, sig.rsrq_db, sig.sinr_db) == (-81, -101, -11, 9)
+        finally:
+            await modem.close()
+
+
+async def test_huawei_reports_lte_values_from_hcsq(tmp_path: Path) -> None:
+    # An LTE ^HCSQ: rssi 44 -> -77 dBm, rsrp 37 -> -104 dBm, sinr 161 -> 12.0 dB, rsrq 20 -> -10 dB
+    scenario = _scenario(
+        tmp_path,
+        "generic",
+        {"AT+CESQ": "\nERROR\n", "AT^HCSQ?": '\n^HCSQ: "LTE",44,37,161,20\n\nOK\n'},
+    )
+    with start_emulator("--scenario", str(scenario), "--fast") as emu:
+        modem = await open_probed(emu.port, "huawei")
+        try:
+            sig = await modem.signal()
+            assert (sig.rsrp_dbm, sig.rsrq_db, sig.sinr_db) == (-104, -10, 12.0)
+        finally:
+            await modem.close()
+
+
+async def test_scan_reads_a_list_split_across_lines(tmp_path: Path) -> None:
+    reply = (
+        '\n+COPS: (2,"Home","HM","26201",7),(1,"Other",\n'
+        '"OT","26202"),2),\n(3,"0042006100720072006500640020",'
+        '"","00320036003200300033",0),,(0-4),(0-2)\n\nOK\n'
+    )
+    scenario = _scenario(tmp_path, "generic", {"AT+COPS=?": reply})
+    with start_emulator("--scenario", str(scenario), "--fast") as emu:
+        modem = await open_probed(emu.port)
+        try:
+            ops = [(o.long, o.numeric, o.status, o.act) for o in (await modem.scan()).operators]
+        finally:
+            await modem.close()
+    assert ops == [
+        ("Home", "26201", "current", "lte"),
+        ("Other", "26202", "available", "umts"),
+        ("Barred ", "26203", "forbidden", "gsm"),
+    ]
+
+
+async def test_imei_followed_by_more_fields_is_read(tmp_path: Path) -> None:
+    scenario = _scenario(tmp_path, "generic", {"AT+CGSN": "\n+CGSN: 356938035643809,01,12\n\nOK\n"})
+    with start_emulator("--scenario", str(scenario), "--fast") as emu:
+        modem = await open_probed(emu.port)
+        try:
+            assert (await modem.identity()).imei == "356938035643809"
+        finally:
+            await modem.close()
+
+
+async def test_not_registered_idle_is_not_searching() -> None:
+    with start_emulator("--vendor", "generic", "--fast") as emu:
+        modem = await open_probed(emu.port)
+        try:
+            emu.control("set_registration", state="not_registered")
+            assert (await modem.registration()).state == "not_registered"
+            emu.control("set_registration", state="searching")
+            assert (await modem.registration()).state == "searching"
+        finally:
+            await modem.close()

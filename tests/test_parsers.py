@@ -372,8 +372,6 @@ def test_ccho_session_id_is_an_opaque_token(reply: str, session: str) -> None:
 def test_cgla_reply_length_counts_hex_characters() -> None:
     assert parsers.parse_cgla('+CGLA:4,"611a"') == (4, "611A")
     with pytest.raises(ParseError):
-        parsers.parse_cgla("+CGLA: 4, 611A")
-    with pytest.raises(ParseError):
         parsers.parse_ccho("+CCHO: session one")
 
 
@@ -381,3 +379,40 @@ def test_cgla_reply_length_counts_hex_characters() -> None:
 def test_csim_status_word_must_be_hex(reply: str) -> None:
     with pytest.raises(ParseError):
         parsers.csim_pin_retries(reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ['+CGLA: 4,"9000"', "+CGLA: 4,9000", "+CGLA:4,9000", '+CGLA: 4,"90 00"', '4,"9000"'],
+)
+def test_cgla_reply_is_read_liberally(reply: str) -> None:
+    # 27.007 quotes the hex; field firmware drops the quotes, the space, or the prefix.
+    assert parsers.parse_cgla(reply) == (4, "9000")
+
+
+@pytest.mark.parametrize("reply", ['+CGLA: "9000"', '+CGLA: 2,"90"', "+CGLA: 4,90G0", "+CGLA: 4"])
+def test_cgla_reply_without_length_or_status_word_is_rejected(reply: str) -> None:
+    with pytest.raises(ParseError):
+        parsers.parse_cgla(reply)
+
+
+def test_transport_and_interpret_read_apdu_replies_alike() -> None:
+    from agent.at.replies import interpret
+    from agent.euicc.transport import parse_apdu_reply, parse_session_id
+
+    for reply in ("+CGLA: 4,9000", '+CGLA:6,"61 1A"', "+CGLA: 4, 9000"):
+        got = interpret('AT+CGLA=1,10,"80E2910000"', reply)
+        assert got["ok"] is True
+        assert parse_apdu_reply(reply.splitlines(), "+CGLA").hex().upper() == got["hex"]
+    for bad in ("+CGLA: 9000", '+CGLA: 2,"90"', "+CSIM: 4,9000"):
+        assert (
+            interpret('AT+CSIM=10,"0070000001"' if "CSIM" in bad else "AT+CGLA", bad)["ok"] is False
+        )
+        with pytest.raises(ParseError):
+            parse_apdu_reply([bad], "+CSIM" if "CSIM" in bad else "+CGLA")
+    for reply, session in (
+        ("1", "1"),
+        ("+CCHO:2", "2"),
+        ('+CCHO: "00000000038aa32f"', "00000000038aa32f"),
+    ):
+        assert parse_session_id([reply]) == interpret("AT+CCHO", reply)["session_id"] == session

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.at import parsers
 from agent.at.lines import LineReader
 from agent.at.redact import loggable
-from agent.errors import AtError, AtTimeout, CmeError, CmsError, PortGoneError
+from agent.errors import AtError, AtTimeout, CmeError, CmsError, ParseError, PortGoneError
 from agent.transport.serial_port import SerialPort
 
 log = structlog.get_logger(__name__)
@@ -133,22 +134,20 @@ def classify_final(line: str) -> str | None:
     return None
 
 
-MAX_ERROR_CODE_DIGITS = 6  # 27.007 codes are below 1000; vendors' reach the tens of thousands
+MAX_ERROR_CODE_DIGITS = parsers.MAX_ERROR_CODE_DIGITS
 
 
 def parse_error_code(line: str) -> tuple[int | None, str | None]:
     """Split '+CME ERROR: 10' / '+CME ERROR: SIM not inserted' into (code, text).
 
-    A "number" too long to be a code (or made of non-ASCII digits) is kept as text, so a
-    garbled line can never raise here.
+    The parsers module reads it, so a numeric code also gets 27.007's wording.
     """
-    _, _, rest = line.partition(":")
-    rest = rest.strip().strip('"').strip()
-    if not rest:
+    try:
+        if line.strip().upper().startswith("+CMS"):
+            return parsers.parse_cms_error(line)
+        return parsers.parse_cme_error(line)
+    except ParseError:
         return None, None
-    if rest.isascii() and rest.isdigit() and len(rest) <= MAX_ERROR_CODE_DIGITS:
-        return int(rest), None
-    return None, rest[:256]
 
 
 @dataclass(frozen=True)

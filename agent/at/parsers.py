@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from agent.at.charset import decode_text, looks_like_ucs2, normalise_charset
+from agent.at.charset import decode_text, decode_ucs2_hex, looks_like_ucs2, normalise_charset
 from agent.errors import ParseError
 from agent.models import ScannedOperator
 
@@ -265,18 +265,24 @@ CMS_ERRORS: dict[int, str] = {
 }
 
 
+MAX_ERROR_CODE_DIGITS = 6  # 27.007 codes are below 1000; vendors' reach the tens of thousands
+MAX_ERROR_TEXT = 256
+_ERROR_CODE_RE = re.compile(rf"[0-9]{{1,{MAX_ERROR_CODE_DIGITS}}}")
+
+
 def _parse_error(line: str, prefix: str, table: dict[int, str]) -> tuple[int | None, str | None]:
     lines = _lines(line)
     if not lines:
-        raise ParseError(f"empty {prefix}", line)
+        raise ParseError(f"empty {prefix}", line[:MAX_ERROR_TEXT])
     payload = _unquote(strip_prefix(lines[0], prefix))
     if not payload:
-        raise ParseError(f"{prefix} without a code", line)
-    if _DEC_RE.fullmatch(payload):
+        raise ParseError(f"{prefix} without a code", line[:MAX_ERROR_TEXT])
+    # A "number" too long to be a code is kept as text, so a garbled line cannot make a huge int.
+    if _ERROR_CODE_RE.fullmatch(payload):
         code = int(payload)
         text = table.get(code)
         return code, text[0].upper() + text[1:] if text else None
-    return None, payload
+    return None, payload[:MAX_ERROR_TEXT]
 
 
 def parse_cme_error(line: str) -> tuple[int | None, str | None]:
@@ -346,12 +352,17 @@ _MEID_RE = re.compile(r"(?:0[xX])?([0-9A-Fa-f]{14})")
 
 
 def parse_gsn(text: str) -> tuple[str | None, str | None, str | None]:
-    """AT+CGSN/AT+GSN → (imei, esn, meid); ESN/MEID upper-case hex; garbage raises ParseError."""
+    """AT+CGSN/AT+GSN → (imei, esn, meid); ESN/MEID upper-case hex; garbage raises ParseError.
+
+    The serial is the first comma-separated field; some firmware appends more fields (software
+    version, a second IMEI slot, a checksum) after it, and those are ignored.
+    """
     imei: str | None = None
     esn: str | None = None
     meid: str | None = None
     for payload in _payloads(text, ("+CGSN", "+GSN", "IMEI", "+IMEI")):
-        for raw_token in re.split(r"[\s,]+", payload):
+        first = _split_raw(payload)[0]
+        for raw_token in first.split():
             token = _unquote(raw_token)
             if not token:
                 continue
@@ -702,7 +713,7 @@ def parse_cops_read(text: str, charset: str = "GSM") -> CopsRead:
     act_raw = _opt_int(_get(fields, 3))
     operator: str | None = None
     if oper_raw is not None:
-        operator = oper_raw if fmt == 2 else _decode_name(oper_raw, charset)
+        operator = _decode_numeric(oper_raw) if fmt == 2 else _decode_name(oper_raw, charset)
     return CopsRead(
         mode=mode,
         format=fmt,
@@ -713,6 +724,27 @@ def parse_cops_read(text: str, charset: str = "GSM") -> CopsRead:
 
 
 _PLMN_RE = re.compile(r"[0-9]{5,7}")
+# `"26201"),7)`: a stray `)` closes the entry before its AcT (seen on Huawei and ZTE firmware).
+_STRAY_PAREN_RE = re.compile(r'"\s*\)\s*,\s*([0-9]{1,2})\s*\)')
+
+
+def _decode_numeric(value: str) -> str:
+    """A numeric operator id; modems in UCS2 mode send it hex-encoded (`00320036...` = `26...`)."""
+    if _PLMN_RE.fullmatch(value):
+        return value
+    decoded = decode_ucs2_hex(value)
+    if decoded is not None and _PLMN_RE.fullmatch(decoded):
+        return decoded
+    return value
+
+
+def _cops_body(text: str) -> str:
+    """The scan reply as one string: a long list arrives split across lines, with or without a
+    `+COPS:` prefix on the continuation lines, and sometimes split inside an entry."""
+    parts: list[str] = []
+    for line in _lines(text):
+        parts.append(strip_prefix(line, "+COPS") if _prefix_re("+COPS").match(line) else line)
+    return _STRAY_PAREN_RE.sub(r'",\1)', "".join(parts))
 
 
 def _paren_groups(s: str) -> list[str]:
@@ -739,7 +771,7 @@ def _paren_groups(s: str) -> list[str]:
 
 def parse_cops_test(text: str, charset: str = "GSM") -> list[ScannedOperator]:
     """AT+COPS=? → operators; stops at the trailing mode/format ranges; names decoded via charset."""
-    body = " ".join(_payloads(text, ("+COPS",)))
+    body = _cops_body(text)
     operators: list[ScannedOperator] = []
     for group in _paren_groups(body):
         raw = _split_raw(group)
@@ -755,7 +787,7 @@ def parse_cops_test(text: str, charset: str = "GSM") -> list[ScannedOperator]:
             ScannedOperator(
                 long=_decode_name(fields[1], charset),
                 short=_decode_name(fields[2], charset),
-                numeric=fields[3] or None,
+                numeric=_decode_numeric(fields[3]) or None,
                 status=_COPS_STATUS.get(status, "unknown"),
                 # 27.007 lists without <AcT> predate UMTS: they are GSM.
                 act=act_family(act_name(act_raw)) if act_raw is not None else "gsm",
@@ -1101,10 +1133,19 @@ def _get_int(values: list[int | None], i: int) -> int | None:
 # --------------------------------------------------------------------------- SIM access
 
 
+_HEX_PAYLOAD_RE = re.compile(r"(?:[0-9A-F]{2}){2,}")
+# Prefixes whose hex payload may come unquoted: field reports of `+CGLA: 4,9000`. A `+CSIM`
+# reply without quotes stays invalid, as ModemManager reads it (conformance mm-csim-13).
+_UNQUOTED_HEX_OK = frozenset({"+CGLA"})
+
+
 def parse_apdu_response(text: str, prefix: str) -> tuple[int, str]:
     """`<prefix>: <length>,"<hex>"` (+CSIM, +CGLA) → (length, upper-case hex incl. SW1 SW2).
 
-    Missing length or quotes raise: a reply without them cannot be told from garbage.
+    27.007 §8.17/§8.43 read liberally: no space after the colon, spaces inside the hex, a line
+    without the prefix (Fibocom), and for +CGLA unquoted hex. The length is advisory (it counts
+    hex characters, but firmware miscounts); a reply shorter than a status word is invalid, and so
+    is one without a length: it cannot be told from garbage.
     """
     payload = _payload(text, (prefix,))
     raw = _split_raw(payload)
@@ -1112,11 +1153,12 @@ def parse_apdu_response(text: str, prefix: str) -> tuple[int, str]:
         raise ParseError(f"{prefix} reply without a length", text)
     length = _int(raw[0], "length")
     data = raw[1].strip()
-    if not (len(data) >= 2 and data.startswith('"') and data.endswith('"')):
+    quoted = len(data) >= 2 and data.startswith('"') and data.endswith('"')
+    if not quoted and prefix.upper() not in _UNQUOTED_HEX_OK:
         raise ParseError(f"{prefix} data is not quoted", text)
-    hex_ = data[1:-1].strip().upper()
-    if not re.fullmatch(r"(?:[0-9A-F]{2})+", hex_):
-        raise ParseError(f"{prefix} data is not hex", text)
+    hex_ = re.sub(r"\s+", "", data[1:-1] if quoted else data).upper()
+    if not _HEX_PAYLOAD_RE.fullmatch(hex_):
+        raise ParseError(f"{prefix} data is not hex ending in a status word", text)
     return length, hex_
 
 
@@ -1130,12 +1172,15 @@ def parse_cgla(text: str) -> tuple[int, str]:
     return parse_apdu_response(text, "+CGLA")
 
 
+MAX_SESSION_CHARS = 16  # a 64-bit token in hex (Sierra) is the longest any modem sends
+
+
 def parse_ccho(text: str) -> str:
     """The session id of `+CCHO: <id>`, or of a bare id line (Fibocom); an opaque token."""
     payload = _payload(text, ("+CCHO",))
     token = payload.strip().strip('"').strip()
-    if not re.fullmatch(r"[0-9A-Fa-f]{1,32}", token):
-        raise ParseError("+CCHO session id is not a number or hex token", text)
+    if not re.fullmatch(rf"[0-9A-Fa-f]{{1,{MAX_SESSION_CHARS}}}", token):
+        raise ParseError("+CCHO session id is not a number or hex token", text[:256])
     return token
 
 
@@ -1423,17 +1468,43 @@ def parse_qnwinfo(text: str) -> QnwInfo:
 
 @dataclass(frozen=True, slots=True)
 class HcsqReading:
-    """Huawei ^HCSQ: AcT family, label and five raw values (0 where absent)."""
+    """Huawei ^HCSQ: AcT family, label and five raw values (0 where absent).
+
+    Huawei's levels are steps of a range whose lower bound is taken, as for 27.007 +CESQ:
+    LTE `rssi,rsrp,sinr,rsrq`; WCDMA `rssi,rscp,ecio`; GSM `rssi`. 255 means unknown.
+    """
 
     act: str
     mode: str
     values: tuple[int, int, int, int, int]
 
+    def _level(self, i: int, top: int) -> int | None:
+        v = self.values[i]
+        return v if 0 < v <= top else None
+
+    @property
+    def rssi_dbm(self) -> int | None:
+        """RSSI (-121 + value, 1..96) on every technology."""
+        v = self._level(0, 96)
+        return None if v is None else v - 121
+
     @property
     def rsrp_dbm(self) -> int | None:
         """LTE RSRP (-141 + value); None on other technologies or when unknown (255)."""
-        v = self.values[1]
-        return v - 141 if self.act == "lte" and 0 < v < 255 else None
+        v = self._level(1, 97)
+        return v - 141 if self.act == "lte" and v is not None else None
+
+    @property
+    def sinr_db(self) -> float | None:
+        """LTE SINR (-20.2 + value / 5, 1..251)."""
+        v = self._level(2, 251)
+        return round(v / 5 - 20.2, 1) if self.act == "lte" and v is not None else None
+
+    @property
+    def rsrq_db(self) -> float | None:
+        """LTE RSRQ (value / 2 - 20, 1..34)."""
+        v = self._level(3, 34)
+        return v / 2 - 20 if self.act == "lte" and v is not None else None
 
 
 def parse_hcsq(text: str) -> HcsqReading:
@@ -1561,3 +1632,71 @@ def parse_xlec(text: str) -> XlecReading:
         elif f:
             bands.append(f)
     return XlecReading(num_cc=num_cc, bandwidths=tuple(bws), bands=tuple(bands))
+
+
+# --------------------------------------------------------------------------- vendor: SIMCom
+
+
+@dataclass(frozen=True, slots=True)
+class CpsiReading:
+    """SIMCom +CPSI serving cell: technology family, operator, area, cell and signal values."""
+
+    rat: str
+    online: bool = False
+    mcc_mnc: str | None = None
+    tac: int | None = None  # the LAC on GSM and WCDMA rows
+    cell_id: int | None = None
+    band: str | None = None
+    rsrp_dbm: float | None = None
+    rsrq_db: float | None = None
+    rssi_dbm: float | None = None
+    sinr_db: float | None = None
+
+
+def _tenths(s: str | None) -> float | None:
+    v = _opt_int(s)
+    return None if v is None else v / 10
+
+
+def parse_cpsi(text: str) -> CpsiReading:
+    """`+CPSI: <mode>,<op mode>,<mcc>-<mnc>,<tac>,<cell>,…` → CpsiReading.
+
+    LTE: `…,<pci>,<band>,<earfcn>,<dlbw>,<ulbw>,<rsrq>,<rsrp>,<rssi>,<rssnr>`, with RSRQ, RSRP and
+    RSSI in tenths of a dB and RSSNR in dB; NR5G_SA: `…,<pci>,<band>,<arfcn>,<rsrp>,<rsrq>,<sinr>`
+    all in tenths. `NO SERVICE` and other technologies give the family and no signal values.
+    """
+    fields = split_fields(_payload(text, ("+CPSI",)))
+    mode = fields[0].upper()
+    if not mode:
+        raise ParseError("+CPSI without a system mode", text)
+    rat = rat_family(mode.replace("_", "-"))
+    online = (_get(fields, 1) or "").lower() == "online"
+    if rat == "unknown" or len(fields) < 5:
+        return CpsiReading(rat=rat, online=online)
+    plmn = (_get(fields, 2) or "").replace("-", "")
+    base = CpsiReading(
+        rat=rat,
+        online=online,
+        mcc_mnc=plmn if _PLMN_RE.fullmatch(plmn) else None,
+        tac=_opt_hex(_get(fields, 3)),
+        cell_id=_opt_int(_get(fields, 4)),
+    )
+    if rat == "lte" and "NR" not in mode:
+        sinr = _opt_int(_get(fields, 13))
+        return replace(
+            base,
+            band=_get(fields, 6),
+            rsrq_db=_tenths(_get(fields, 10)),
+            rsrp_dbm=_tenths(_get(fields, 11)),
+            rssi_dbm=_tenths(_get(fields, 12)),
+            sinr_db=None if sinr is None else float(sinr),
+        )
+    if rat == "5gnr" and "SA" in mode and "NSA" not in mode:
+        return replace(
+            base,
+            band=_get(fields, 6),
+            rsrp_dbm=_tenths(_get(fields, 8)),
+            rsrq_db=_tenths(_get(fields, 9)),
+            sinr_db=_tenths(_get(fields, 10)),
+        )
+    return base

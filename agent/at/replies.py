@@ -109,7 +109,31 @@ def _csq(response: str) -> Result:
 
 def _hcsq(response: str) -> Result:
     r = p.parse_hcsq(response)
-    return {"act": r.act, "mode": r.mode, "values_raw": list(r.values), "rsrp_dbm": r.rsrp_dbm}
+    return {
+        "act": r.act,
+        "mode": r.mode,
+        "values_raw": list(r.values),
+        "rssi_dbm": r.rssi_dbm,
+        "rsrp_dbm": r.rsrp_dbm,
+        "rsrq_db": r.rsrq_db,
+        "sinr_db": r.sinr_db,
+    }
+
+
+def _cpsi(response: str) -> Result:
+    r = p.parse_cpsi(response)
+    return {
+        "act": r.rat,
+        "online": r.online,
+        "mcc_mnc": r.mcc_mnc,
+        "tac": r.tac,
+        "ci": r.cell_id,
+        "band": r.band,
+        "rssi_dbm": r.rssi_dbm,
+        "rsrp_dbm": r.rsrp_dbm,
+        "rsrq_db": r.rsrq_db,
+        "sinr_db": r.sinr_db,
+    }
 
 
 def _sysinfo(r: p.SysInfo) -> Result:
@@ -334,6 +358,7 @@ _HANDLERS: dict[tuple[str, str | None], _Handler] = {
     ("+CESQ", None): _cesq,
     ("+CSQ", None): _csq,
     ("^HCSQ", None): _hcsq,
+    ("+CPSI", None): _cpsi,
     ("^SYSINFO", None): lambda r: _sysinfo(p.parse_sysinfo(r)),
     ("^SYSINFOEX", None): lambda r: _sysinfo(p.parse_sysinfoex(r)),
     ("^SMONI", None): _smoni,

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from agent.at import parsers
 from agent.errors import AgentError, ApduError, AtError, CmeError, ParseError, PortGoneError
 from agent.euicc.apdu import (
     build,
@@ -102,43 +103,20 @@ class AtCommander(Protocol):
         ...
 
 
-# ------------------------------------------------------------------ pure reply parsers
-
-_HEX_RE = re.compile(r"^[0-9A-Fa-f]*$")
+# ------------------------------------------------------------------ replies and commands
 
 
-MAX_SESSION_CHARS = 16  # a 64-bit token in hex (Sierra) is the longest any modem sends
+MAX_SESSION_CHARS = parsers.MAX_SESSION_CHARS
 
 
 def parse_session_id(lines: Sequence[str]) -> str:
-    """The CCHO session id: `+CCHO: <id>`, `+CCHO:<id>`, `+CCHO: "<id>"` or a bare token line."""
-    for line in lines:
-        text = line.strip()
-        if text.upper().startswith("+CCHO"):
-            text = text.split(":", 1)[1] if ":" in text else ""
-        token = text.strip().strip('"').strip()
-        if token and _HEX_RE.match(token):
-            if len(token) > MAX_SESSION_CHARS:
-                raise ParseError("CCHO session id too long", token[:64])
-            return token
-    raise ParseError("no session id in CCHO reply", "\n".join(lines)[:256])
+    """The CCHO session id, read by agent.at.parsers (the parser interpret() uses)."""
+    return parsers.parse_ccho("\n".join(lines))
 
 
 def parse_apdu_reply(lines: Sequence[str], prefix: str) -> bytes:
-    """Response APDU from `+CGLA: <len>,"<hex>"` / `+CSIM:<len>,<hex>`; the length is advisory."""
-    want = prefix.upper()
-    for line in lines:
-        text = line.strip()
-        if text.upper().startswith(want):
-            text = text[len(want) :].lstrip().removeprefix(":")
-        elif "," not in text:
-            continue
-        _, _, payload = text.partition(",")
-        hexs = payload.strip().strip('"').strip().replace(" ", "")
-        if len(hexs) % 2 or not _HEX_RE.match(hexs) or len(hexs) < 4:
-            raise ParseError(f"bad {prefix} response payload", line)
-        return bytes.fromhex(hexs)
-    raise ParseError(f"no {prefix} line in reply", "\n".join(lines))
+    """Response APDU (data + SW1 SW2) of a +CGLA/+CSIM reply, read by agent.at.parsers."""
+    return bytes.fromhex(parsers.parse_apdu_response("\n".join(lines), prefix)[1])
 
 
 def csim_command(apdu: bytes) -> str:

@@ -118,11 +118,11 @@ class Modem:
         manufacturer = _single_value(await self._try("AT+CGMI"), "+CGMI")
         model = _single_value(await self._try("AT+CGMM"), "+CGMM")
         revision = _single_value(await self._try("AT+CGMR"), "+CGMR")
-        raw_sn = _single_value(await self._try("AT+CGSN"), "+CGSN")
+        sn_reply = await self._try("AT+CGSN")
         imei: str | None = None
-        if raw_sn is not None:
+        if sn_reply is not None and sn_reply.lines:
             with contextlib.suppress(ParseError):
-                imei = parsers.parse_gsn(raw_sn)[0]
+                imei = parsers.parse_gsn(sn_reply.text)[0]
         self._identity = Identity(
             manufacturer=manufacturer, model=model, revision=revision, imei=imei
         )
@@ -259,7 +259,8 @@ class Modem:
     async def scan(self, *, timeout: float = SCAN_TIMEOUT_S) -> ScanResult:
         """Run an operator scan (AT+COPS=?); slow, as a real network search is."""
         resp = await self.channel.command("AT+COPS=?", timeout=timeout)
-        text = "\n".join(f"+COPS: {v}" for v in resp.values("+COPS"))
+        # The whole reply: long lists continue on lines without the +COPS: prefix.
+        text = resp.text
         return ScanResult(operators=parsers.parse_cops_test(text, self._charset) if text else [])
 
     async def set_cfun(self, fun: int, *, reset: bool = False) -> None:
@@ -343,7 +344,7 @@ def _to_registration(reply: parsers.RegReply) -> Registration:
 
 
 def vendor_signal(line: str) -> dict[str, float | None]:
-    """Signal values from one vendor extension line (QCSQ, QENG, SMONI); {} for other lines."""
+    """Signal values from one vendor extension line (QCSQ, QENG, CPSI, HCSQ, SMONI); {} otherwise."""
     prefix = line_prefix(line)
     if prefix == "+QCSQ":
         q = parsers.parse_qcsq(line)
@@ -363,6 +364,22 @@ def vendor_signal(line: str) -> dict[str, float | None]:
             "rsrp_dbm": c.rsrp_dbm,
             "rsrq_db": c.rsrq_db,
             "sinr_db": c.sinr_db,
+        }
+    if prefix == "+CPSI":
+        cpsi = parsers.parse_cpsi(line)
+        return {
+            "rssi_dbm": cpsi.rssi_dbm,
+            "rsrp_dbm": cpsi.rsrp_dbm,
+            "rsrq_db": cpsi.rsrq_db,
+            "sinr_db": cpsi.sinr_db,
+        }
+    if prefix == "^HCSQ":
+        h = parsers.parse_hcsq(line)
+        return {
+            "rssi_dbm": h.rssi_dbm,
+            "rsrp_dbm": h.rsrp_dbm,
+            "rsrq_db": h.rsrq_db,
+            "sinr_db": h.sinr_db,
         }
     if prefix == "^SMONI":
         m = parsers.parse_smoni(line)

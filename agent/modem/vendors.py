@@ -171,6 +171,13 @@ VENDORS: tuple[VendorProfile, ...] = (
         signal_commands=("AT^HCSQ?",),
         refresh="auto",
     ),
+    VendorProfile(
+        name="cinterion",
+        match=("cinterion", "thales", "gemalto"),
+        iccid_commands=("AT^SCID", "AT+CCID", "AT+ICCID"),
+        signal_commands=("AT^SMONI",),
+        refresh="auto",
+    ),
 )
 
 
