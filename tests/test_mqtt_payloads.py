@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.mqtt.bridge import backoff_delay
 from agent.mqtt.commands import CommandPolicy, CommandRejected, decode_request
 from agent.mqtt.discovery import device_configs, modem_configs
 from agent.mqtt.payloads import (
@@ -149,10 +148,3 @@ def test_arbitrary_json_objects_never_crash(command: str, body: dict[str, object
     except CommandRejected as exc:
         code = exc.code
     assert code in {"accepted", "invalid_payload"}
-
-
-def test_backoff_grows_is_capped_and_jittered() -> None:
-    assert backoff_delay(0, 1.0, 60.0, lambda: 1.0) == 1.0
-    assert backoff_delay(3, 1.0, 60.0, lambda: 1.0) == 8.0
-    assert backoff_delay(30, 1.0, 60.0, lambda: 1.0) == 60.0
-    assert backoff_delay(10_000, 1.0, 60.0, lambda: 0.0) == 30.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import structlog
 
 from agent.at.channel import AtChannel
+from agent.backoff import Backoff
 from agent.config import ModemConfig
 from agent.errors import AgentError, AtError, AtTimeout, PortGoneError
 from agent.euicc.es10 import ProfileInfo
@@ -87,11 +87,11 @@ class ModemSession:
 
     async def run(self) -> None:
         """Connect, poll until the port goes, reconnect with backoff; runs until cancelled."""
-        delay = RECONNECT_INITIAL_S
+        backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S)
         while True:
             try:
                 await self._connect()
-                delay = RECONNECT_INITIAL_S
+                backoff.reset()
                 await self._poll_loop()
             except (PortGoneError, AtTimeout) as exc:
                 self._went_offline(str(exc))
@@ -99,8 +99,7 @@ class ModemSession:
                 self._went_offline(f"{type(exc).__name__}: {exc}")
             finally:
                 await self._close_modem()
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, RECONNECT_MAX_S)
+            await asyncio.sleep(backoff.next())
 
     def _went_offline(self, reason: str) -> None:
         if self.online or self.last_error != reason:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
+
+from agent.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +44,7 @@ class Supervisor:
         return record
 
     async def _run(self, record: TaskRecord, factory: Callable[[], Awaitable[None]]) -> None:
-        delay = BACKOFF_INITIAL_S
+        backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
         loop = asyncio.get_running_loop()
         while not self._stopping:
             started = loop.time()
@@ -58,8 +59,8 @@ class Supervisor:
                 record.restarts += 1
                 record.last_error = f"{type(exc).__name__}: {exc}"
                 if loop.time() - started > HEALTHY_RUN_S:
-                    delay = BACKOFF_INITIAL_S
-                wait = delay * (0.5 + random.random() / 2)
+                    backoff.reset()
+                wait = backoff.next()
                 log.error(
                     "task_crashed",
                     task=record.name,
@@ -69,7 +70,6 @@ class Supervisor:
                     exc_info=exc,
                 )
                 await asyncio.sleep(wait)
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             record.running = False
             log.info("task_finished", task=record.name)

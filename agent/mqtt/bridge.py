@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.backoff import backoff_delay
+from agent.backoff import Backoff
 from agent.mqtt import discovery
 from agent.mqtt.commands import (
     CommandContext,
@@ -223,7 +223,7 @@ class MqttBridge:
 
     async def run(self) -> None:
         """Connect, publish, serve commands and reconnect with backoff until close() is called."""
-        attempt = 0
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         try:
             while not self._closing.is_set():
                 before = self.connections
@@ -234,12 +234,9 @@ class MqttBridge:
                 if self._closing.is_set():
                     break
                 if self.connections != before:
-                    attempt = 0
-                delay = backoff_delay(
-                    attempt, self.settings.backoff_initial, self.settings.backoff_max
-                )
-                attempt += 1
-                log.info("mqtt_reconnect_wait", delay_s=round(delay, 2), attempt=attempt)
+                    backoff.reset()
+                delay = backoff.next()
+                log.info("mqtt_reconnect_wait", delay_s=round(delay, 2), attempt=backoff.attempt)
                 await self._backoff_wait(delay)
         finally:
             for task in list(self._command_tasks):
