@@ -36,7 +36,8 @@ profiles = st.builds(
     nickname=texts | opt(),
     service_provider_name=texts | opt(),
     profile_name=texts | opt(),
-    profile_class=st.sampled_from(["test", "provisioning", "operational"]) | opt(),
+    # SGP.22 gives profileClass DEFAULT operational: an absent class reads back as operational.
+    profile_class=st.sampled_from(["test", "provisioning", "operational"]),
 )
 metadata = st.builds(
     NotificationMetadata,

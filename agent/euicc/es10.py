@@ -351,7 +351,8 @@ def decode_euicc_info2(data: bytes) -> EuiccInfo2:
 
 
 def _decode_profile(item: Tlv) -> ProfileInfo:
-    p = ProfileInfo()
+    # profileClass is DEFAULT operational in SGP.22: a DER-encoding card leaves it out.
+    p = ProfileInfo(profile_class="operational")
     for f in item.children():
         if f.tag == TAG_ICCID:
             p.iccid = decode_iccid(f.value)
