@@ -170,6 +170,9 @@ class ModemSession:
                 )
                 for w in waiters - {lost}:
                     w.cancel()
+                # Consumed here, or a single registration URC would wake this loop at once on
+                # every turn from then on: back-to-back polls, and a busy loop while switching.
+                modem.registration_changed.clear()
                 if modem.channel.is_lost:
                     raise PortGoneError(self.port or "?", "port lost")
                 if self.switching:
