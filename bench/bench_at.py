@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.at.channel import AtChannel  # noqa: E402
+from bench.stats import summary_s  # noqa: E402
 from hw_fixtures.testing import start_emulator  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "at.json"
@@ -35,22 +35,12 @@ TIMEOUT_S = 5.0
 FINAL_OK = b"\r\nOK\r\n"
 
 
-def summary(samples_s: list[float], wall_s: float) -> dict[str, float | int]:
+def summary(samples_s: list[float], wall_s: float) -> dict[str, float | int | None]:
     """Commands per second over the whole loop, latency percentiles in milliseconds."""
-    ms = sorted(s * 1000 for s in samples_s)
-    n = len(ms)
-    return {
-        "n": n,
-        "commands_per_s": round(n / wall_s, 1),
-        "p50_ms": round(statistics.median(ms), 3),
-        "p99_ms": round(ms[min(n - 1, int(n * 0.99))], 3),
-        "min_ms": round(ms[0], 3),
-        "max_ms": round(ms[-1], 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
+    return {"commands_per_s": round(len(samples_s) / wall_s, 1), **summary_s(samples_s)}
 
 
-async def bench_channel(port: str, command: str, iterations: int) -> dict[str, float | int]:
+async def bench_channel(port: str, command: str, iterations: int) -> dict[str, float | int | None]:
     """Round trips through AtChannel.command, one in flight at a time."""
     async with await AtChannel.open(port) as ch:
         for _ in range(WARMUP):
@@ -71,7 +61,7 @@ def _blocking_round_trip(handle: serial.Serial, raw: bytes) -> None:
         raise TimeoutError(f"no OK for {raw!r}: {reply!r}")
 
 
-def bench_pyserial(port: str, command: str, iterations: int) -> dict[str, float | int]:
+def bench_pyserial(port: str, command: str, iterations: int) -> dict[str, float | int | None]:
     """The baseline: blocking pyserial, write the command, read until OK."""
     raw = command.encode("ascii") + b"\r"
     with serial.Serial(port, baudrate=115200, timeout=TIMEOUT_S, exclusive=True) as handle:

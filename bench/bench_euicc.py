@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from agent.euicc.lpa import Lpa  # noqa: E402
 from agent.euicc.switch import RefreshStrategy, SafeSwitch  # noqa: E402
 from agent.euicc.transport import AtApduTransport, CardTransport  # noqa: E402
 from agent.modem.driver import open_modem  # noqa: E402
+from bench.stats import summary_s  # noqa: E402
 from hw_fixtures.card_api import ProfileSpec  # noqa: E402
 from hw_fixtures.euicc import EmulatedEuicc  # noqa: E402
 from hw_fixtures.testing import EmulatorHandle, start_emulator  # noqa: E402
@@ -39,16 +39,9 @@ DELAYS: dict[str, dict[str, float]] = {
 }
 
 
-def summary(samples_s: list[float]) -> dict[str, float | int]:
-    """Figures in milliseconds."""
-    ms = sorted(s * 1000 for s in samples_s)
-    return {
-        "n": len(ms),
-        "p50_ms": round(statistics.median(ms), 3),
-        "min_ms": round(ms[0], 3),
-        "max_ms": round(ms[-1], 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
+def summary(samples_s: list[float]) -> dict[str, float | int | None]:
+    """Figures in milliseconds (bench.stats: one percentile method for every bench)."""
+    return summary_s(samples_s)
 
 
 async def in_memory_list(n: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-import statistics
 import sys
 import time
 import uuid
@@ -21,29 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.mqtt.bridge import MqttBridge, MqttSettings  # noqa: E402
+from bench.stats import summary_s  # noqa: E402
 from tests.mosquitto import MosquittoBroker  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "mqtt.json"
 WAIT_S = 10.0
 
 
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile of `samples` (q in 0..100)."""
-    ordered = sorted(samples)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
-
-def summary(samples_s: list[float]) -> dict[str, float | int]:
-    """Latency figures in milliseconds."""
-    ms = [s * 1000 for s in samples_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(percentile(ms, 50), 3),
-        "p99_ms": round(percentile(ms, 99), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-        "max_ms": round(max(ms), 3),
-    }
+def summary(samples_s: list[float]) -> dict[str, float | int | None]:
+    """Latency figures in milliseconds (bench.stats: one percentile method for every bench)."""
+    return summary_s(samples_s)
 
 
 async def measure(
