@@ -30,7 +30,9 @@ COMMAND_NAMES: tuple[str, ...] = (
     "drill",
 )
 
-VendorHint = Literal["auto", "generic", "quectel", "sierra", "fibocom", "simcom", "huawei", "dell"]
+VendorHint = Literal[
+    "auto", "generic", "quectel", "sierra", "fibocom", "simcom", "huawei", "dell", "cinterion"
+]
 RefreshMode = Literal["auto", "none", "refresh", "cfun", "reset"]
 ApduMode = Literal["auto", "ccho", "csim"]
 Role = Literal["primary", "failover", "emergency"]

@@ -9,7 +9,7 @@ import pytest
 
 from agent.at.channel import AtChannel
 from agent.modem.driver import Modem
-from agent.modem.vendors import vendor_by_name
+from agent.modem.vendors import vendor_by_name, vendor_for_manufacturer
 from hw_fixtures.testing import EmulatorHandle, PortReader, start_emulator
 
 ICCID = "8944500102030405067"
@@ -305,5 +305,22 @@ async def test_not_registered_idle_is_not_searching() -> None:
             assert (await modem.registration()).state == "not_registered"
             emu.control("set_registration", state="searching")
             assert (await modem.registration()).state == "searching"
+        finally:
+            await modem.close()
+
+
+def test_cinterion_is_detected_and_reads_smoni() -> None:
+    vendor = vendor_for_manufacturer("Cinterion Wireless Modules")
+    assert (vendor.name, vendor.signal_commands) == ("cinterion", ("AT^SMONI",))
+
+
+async def test_cinterion_fills_rsrp_from_smoni(tmp_path: Path) -> None:
+    reply = "\n^SMONI: 4G,6300,20,10,10,FDD,262,02,BF75,0345103,350,33,-94,-7,NOCONN\n\nOK\n"
+    scenario = _scenario(tmp_path, "generic", {"AT+CESQ": "\nERROR\n", "AT^SMONI": reply})
+    with start_emulator("--scenario", str(scenario), "--fast") as emu:
+        modem = await open_probed(emu.port, "cinterion")
+        try:
+            sig = await modem.signal()
+            assert (sig.rsrp_dbm, sig.rsrq_db) == (-94, -7)
         finally:
             await modem.close()
