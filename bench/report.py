@@ -42,9 +42,8 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if abs(value) >= 100:
             return f"{value:.0f}"
-        if abs(value) >= 10:
-            return f"{value:.1f}"
-        return f"{value:.2f}".rstrip("0").rstrip(".") if value else "0"
+        text = f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
     return str(value)
 
 
@@ -226,7 +225,8 @@ def section_failover(r: Result) -> list[str]:
             "re-attach timer, so the agent's share is given as the daemon's on-CPU time over the",
             "transition (schedstat, ns; an upper bound: it includes m0's polls and probes meanwhile);",
             "total minus the re-attach delay is the loosest bound (every AT round trip counted as the",
-            "agent's).",
+            "agent's). Baseline in the same run: the link failover's agent time above, the same",
+            "transition machinery with no profile to switch.",
             "",
             *table(["enable case", *LATENCY]),
         ]
@@ -243,11 +243,14 @@ def section_failover(r: Result) -> list[str]:
                 )
             )
             out.append(row(f"— {name}: daemon on-CPU time", case.get("agent_cpu"), *LATENCY_KEYS))
-            out.append(
-                row(
-                    f"— {name}: total minus re-attach delay", case.get("upper_agent"), *LATENCY_KEYS
+            if (case.get("delays_s") or {}).get("reattach"):
+                out.append(
+                    row(
+                        f"— {name}: total minus re-attach delay",
+                        case.get("upper_agent"),
+                        *LATENCY_KEYS,
+                    )
                 )
-            )
         zero_p95 = _get(en, "zero", "total", "p95_ms")
         real_p95 = _get(en, "realistic", "agent_cpu", "p95_ms")
         if goal is not None and zero_p95 is not None:
