@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "benchmarks": rows,
     }
+    if args.only and SUMMARY.is_file():
+        # A partial run updates its own rows and keeps the record of the others.
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            previous = json.loads(SUMMARY.read_text())
+            summary["benchmarks"] = {**previous["benchmarks"], **rows}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
     print(table(rows))

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from agent.health.layer import LayerHealth, Thresholds
 from agent.health.monitor import LayerMonitor
 from agent.health.probes import HttpProbe, probe_from_spec
 from agent.health.wire import round_bytes
+from bench.stats import MIN_SAMPLES, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detect.json"
 MWAN3 = DetectConfig(interval=10.0, failure_interval=10.0, down_after=5, up_after=5)
@@ -65,14 +65,14 @@ def simulate(cfg: DetectConfig, timeout: float, outage_at: float) -> float:
     return now - outage_at
 
 
-def stats(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
+def stats(values: list[float]) -> dict[str, float | int | None]:
+    """Seconds, by bench.stats' nearest-rank percentiles (the one method of every bench); p95
+    only from 20 samples."""
     return {
-        "n": len(ordered),
-        "p50_s": round(statistics.median(ordered), 3),
-        "p95_s": round(p95, 3),
-        "max_s": round(ordered[-1], 3),
+        "n": len(values),
+        "p50_s": round(percentile(values, 50), 3),
+        "p95_s": round(percentile(values, 95), 3) if len(values) >= MIN_SAMPLES[95] else None,
+        "max_s": round(max(values), 3),
     }
 
 

@@ -27,7 +27,7 @@ def test_every_p95_in_the_results_rests_on_at_least_20_samples() -> None:
                 walk(value)
 
     results = report.load()
-    assert {"at", "euicc", "mqtt", "failover", "daemon"} <= set(results)
+    assert {"at", "euicc", "mqtt", "detect", "failover", "daemon"} <= set(results)
     walk(results)
 
 
