@@ -621,7 +621,8 @@ def load_config(path: str | Path) -> Config:
     file = str(path)
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
+        data = tomllib.loads(_config_text(raw, file))
     except FileNotFoundError:
         raise ConfigError(file, None, "file not found") from None
     except PermissionError:
@@ -639,6 +640,20 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(file, None, f"cannot read: {exc.strerror or exc}") from None
     return parse_config(data, file)
+
+
+def _config_text(raw: bytes, file: str) -> str:
+    """The file as text: UTF-8 without a byte-order mark, as TOML requires."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError(file, None, "starts with a byte-order mark: save it as UTF-8 without BOM")
+    if b"\x00" in raw:
+        raise ConfigError(file, None, "is a binary file, not TOML text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            file, None, f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def read_secret(value: str | None, file: str | None, base_dir: Path | None = None) -> str | None:

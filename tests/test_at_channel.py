@@ -291,3 +291,24 @@ async def test_secrets_never_reach_logs_or_errors(peer: Peer) -> None:
     assert all(secret not in t and "1234" not in t for t in texts)
     assert any(e["event"] == "at_timeout" and "***" in e["command"] for e in logs)
     assert plain.value.command == 'AT+CGAUTH=1,1,"***","***"'
+
+
+async def test_a_resync_that_meets_an_unplug_reports_the_unplug() -> None:
+    from structlog.testing import capture_logs
+
+    def unplug_on_resync(line: str) -> bytes | None:
+        if line == "AT+CMEE?":
+            p.unplug()  # the port goes away in the middle of the resync
+            return None
+        return standard(line)
+
+    p = Peer(unplug_on_resync)
+    ch = await AtChannel.open(p.path)
+    p.silent = True
+    with pytest.raises(AtTimeout):
+        await ch.command("AT+CSQ", timeout=0.3)
+    p.silent = False
+    with capture_logs() as logs, pytest.raises(PortGoneError):
+        await ch.command("AT+CSQ", timeout=2)
+    assert "at_resynced" not in [e["event"] for e in logs]
+    await ch.close()

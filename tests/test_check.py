@@ -159,9 +159,13 @@ async def test_check_through_the_running_daemon(tmp_path: Path) -> None:
         ports = next(i for i in report["items"] if i["id"] == "ports")
         assert "the running daemon holds them" in ports["detail"]
 
-        # Through the daemon (it owns the port): the emergency profile left enabled on m1.
+        # Through the daemon (it owns the port): the emergency profile left enabled on m1
+        # (forced: the daemon refuses to touch a layer's profile otherwise).
         await control_call(
-            stack.socket, "profile_enable", {"modem": "m1", "iccid": EMERGENCY}, timeout=STEP_S
+            stack.socket,
+            "profile_enable",
+            {"modem": "m1", "iccid": EMERGENCY, "force": True},
+            timeout=STEP_S,
         )
         code, report = await asyncio.to_thread(run_check, stack.config_path)
         assert report["via"] == "daemon"

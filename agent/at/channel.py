@@ -321,6 +321,8 @@ class AtChannel:
             except AtTimeout:
                 log.info("at_resync_retry", port=self.port, attempt=attempt)
                 continue
+            except PortGoneError:
+                raise  # unplugged: no resync can help, and the caller must learn it
             except AtError:
                 pass
             self._dirty = False

@@ -165,7 +165,8 @@ def _installed(
             problems.append(f"{layer.name}: profile {layer.profile} is enabled, not dormant")
             fixes.append(
                 f"esim-agent profile disable {layer.profile} --port {s.port} after enabling "
-                "the primary (the daemon enables the emergency profile only when needed)"
+                "the primary (the daemon enables the emergency profile only when needed; "
+                "while it runs, it refuses this without --force)"
             )
         else:
             good.append(f"{layer.profile} on {layer.modem} ({state})")

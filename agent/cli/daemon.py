@@ -66,18 +66,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Exit statuses (docs/systemd.md): 0 stopped, 1 runtime failure, 73 state_dir or control
+    socket directory unusable, 75 another daemon on the socket, 77 a modem port that exists but
+    cannot be opened, 78 invalid config."""
+    from agent.daemon.preflight import (
+        EX_CANTCREAT,
+        EX_NOPERM,
+        control_socket_problem,
+        port_problem,
+        state_dir_problem,
+    )
+
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         error(str(exc), "config")
         return EX_CONFIG
     if args.check:
+        problem = state_dir_problem(cfg.state_dir, create=False) or control_socket_problem(
+            cfg.control_socket, create=False
+        )
+        if problem is not None:
+            error(f"{args.config}: {problem}")
+            return EX_CANTCREAT
+        for m in cfg.modems:
+            if m.port is not None and (problem := port_problem(m.port)) is not None:
+                error(f"{args.config}: {problem}")
+                return EX_NOPERM
         sys.stdout.write(f"{args.config}: ok\n")
         return 0
     from agent import log as agent_log
     from agent.daemon.app import Daemon
 
     agent_log.configure(cfg.log_level)
+    # A start that cannot work logs one `daemon_start_failed` line and returns its status.
     return asyncio.run(Daemon(cfg, args.config).run())
 
 
@@ -180,7 +202,9 @@ def _print_transition(args: argparse.Namespace, result: dict[str, Any]) -> int:
         print_json(result)
     else:
         t = result.get("transition")
-        if t is None:
+        if t is None and getattr(args, "auto", False):
+            sys.stdout.write("unpinned: the policy chooses the layer again\n")
+        elif t is None:
             sys.stdout.write("no change\n")
         else:
             sys.stdout.write(

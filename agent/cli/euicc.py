@@ -18,6 +18,12 @@ _EXIT_RUNTIME = 1
 _EXIT_USAGE = 2
 
 
+_FORCE_HELP = (
+    "through the daemon: change a profile a failover layer owns anyway (normally refused: "
+    "use `esim-agent switch`)"
+)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the euicc, profile and notification command groups."""
     euicc = subparsers.add_parser("euicc", help="the eUICC itself")
@@ -52,12 +58,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how the modem takes the new profile: refresh (the eUICC's REFRESH), cfun "
         "(radio off/on), reset (modem restart), none (nothing); default auto, the vendor's",
     )
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(handler=_enable)
     p = _common(psub.add_parser("disable", help="disable a profile (leaves none enabled)"))
     _iccid_positional(p, "the profile to disable")
     p.add_argument(
         "--no-refresh", action="store_true", help="do not ask the modem to re-read the card"
     )
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(handler=_disable)
     p = _common(psub.add_parser("nickname", help="set a profile's nickname"))
     _iccid_positional(p, "the profile to name")
@@ -66,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = _common(psub.add_parser("delete", help="delete a disabled profile for good"))
     _iccid_positional(p, "the profile to delete")
     p.add_argument("--yes", action="store_true", help="confirm the deletion")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(handler=_delete)
 
     p = _common(
@@ -243,6 +252,11 @@ def _run(
     return 0
 
 
+def _forced(args: argparse.Namespace) -> dict[str, Any]:
+    # Sent only when asked: a daemon that predates --force still takes the request.
+    return {"force": True} if getattr(args, "force", False) else {}
+
+
 def _info(args: argparse.Namespace) -> int:
     async def action(lpa: Any, _modem: Any) -> Any:
         return await lpa.info()
@@ -289,7 +303,7 @@ def _list(args: argparse.Namespace) -> int:
 def _enable(args: argparse.Namespace) -> int:
     iccid: str = args.iccid
     try:
-        routed = _via_daemon(args, "profile_enable", {"iccid": iccid})
+        routed = _via_daemon(args, "profile_enable", {"iccid": iccid, **_forced(args)})
     except AgentError as exc:
         return _fail(args, exc)
     if routed is not _NOT_ROUTED:
@@ -394,7 +408,7 @@ def _disable(args: argparse.Namespace) -> int:
         args,
         action,
         lambda r: print(f"{r['iccid']} disabled"),
-        ("profile_disable", {"iccid": iccid}),
+        ("profile_disable", {"iccid": iccid, **_forced(args)}),
     )
 
 
@@ -427,7 +441,10 @@ def _delete(args: argparse.Namespace) -> int:
         return {"iccid": iccid, "deleted": True}
 
     return _run(
-        args, action, lambda r: print(f"{r['iccid']} deleted"), ("profile_delete", {"iccid": iccid})
+        args,
+        action,
+        lambda r: print(f"{r['iccid']} deleted"),
+        ("profile_delete", {"iccid": iccid, **_forced(args)}),
     )
 
 

@@ -1,4 +1,10 @@
-"""The composition root: modem sessions, health monitors, the failover policy, MQTT, control."""
+"""The composition root: builds the daemon's parts from the config, runs them, reloads them.
+
+The parts live in their own modules: sessions (session.py), the command table (commands.py),
+retained MQTT state (publish.py), usage glue (metering.py), reload by difference (reload.py),
+machine checks (preflight.py), the watchdog's progress test (liveness.py), hooks (hooks.py).
+What stays here is wiring and the policy loop that carries out the policy's actions.
+"""
 
 from __future__ import annotations
 
@@ -6,92 +12,109 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 
 from agent.config import Config, LayerConfig, load_config
 from agent.daemon import sdnotify
-from agent.daemon.control import CommandTable, ControlServer
+from agent.daemon.actuator import Actuator
+from agent.daemon.commands import CommandTable, DaemonCommands
+from agent.daemon.control import ControlError, ControlServer, DaemonAlreadyRunning
 from agent.daemon.evidence import EvidenceFeeds, interface_of
-from agent.daemon.hooks import run_hooks
+from agent.daemon.hooks import HookQueue
+from agent.daemon.liveness import session_bound, stalled
+from agent.daemon.metering import Metering
+from agent.daemon.preflight import (
+    EX_CANTCREAT,
+    EX_NOPERM,
+    EX_RUNTIME,
+    EX_TEMPFAIL,
+    PreflightError,
+    control_socket_problem,
+    port_problem,
+    state_dir_problem,
+)
+from agent.daemon.publish import StatePublisher
+from agent.daemon.reload import ReloadPlan, carry_policy, plan
 from agent.daemon.session import ModemSession
 from agent.daemon.supervisor import Supervisor
-from agent.daemon.timeline import describe
-from agent.daemon.usage import UsageTracker
-from agent.errors import AgentError, ConfigError
-from agent.euicc.lpa import Lpa
+from agent.daemon.timeline import Timeline, describe
+from agent.errors import ConfigError
 from agent.euicc.switch import SwitchReport
 from agent.health.layer import LayerHealth as MonitorHealth
 from agent.health.layer import Thresholds
 from agent.health.monitor import LayerMonitor
 from agent.health.probes import Probe, probe_from_spec
 from agent.mqtt.bridge import MqttBridge, MqttSettings
-from agent.mqtt.commands import CommandContext, CommandRejected
-from agent.mqtt.payloads import (
-    DeviceState,
-    Event,
-    HealthState,
-    LayerEntry,
-    LayersState,
-    ModemState,
-    ProfileEntry,
-    ProfilesState,
-    redact_value,
-)
 from agent.mqtt.reach import settings_from_config
 from agent.policy.engine import (
     Action,
-    ActivateLayer,
-    DisableEmergency,
-    Drill,
     EmitEvent,
-    EnableEmergency,
     Health,
     LayerHealth,
-    ManualSwitch,
     PolicyConfig,
     PolicyState,
-    RadioDown,
-    RadioUp,
-    SwitchDone,
     Tick,
-    TransitionEvent,
     initial_state,
-    summary,
     transition,
 )
 from agent.policy.engine import Event as PolicyEvent
-from agent.usage.store import QuotaAlert
 
 log = structlog.get_logger(__name__)
 
 #: Policy timers (failback dwell, hold-down) fire on ticks: a coarse tick delays them.
 TICK_S = 0.25
-VERIFY_INTERVAL_S = 0.3
+#: At most this long for every modem's first connection attempt before the first decision.
 STARTUP_WAIT_S = 15.0
+#: At most this long for the first probe round of the layers that can give evidence.
+FIRST_ROUND_MAX_S = 15.0
 TIMELINE_KEEP = 200
-OFFLINE_GRACE_S = 10.0
+
+
+def boot_prefix(device_id: str) -> str:
+    """Transition id prefix unique to this process start (ms since the epoch, base 36): ids
+    never repeat across restarts, and reloads keep the counter."""
+    ms = time.time_ns() // 1_000_000
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while ms:
+        ms, r = divmod(ms, 36)
+        out = digits[r] + out
+    return f"{device_id}-{out or '0'}"
+
+
+@dataclass
+class _Built:
+    """Parts built for a reload before any of them replaces a running one."""
+
+    sessions: dict[str, ModemSession] = field(default_factory=dict)
+    monitors: dict[str, LayerMonitor] = field(default_factory=dict)
+    probes: dict[str, list[tuple[str, Probe, float]]] = field(default_factory=dict)
+    policy_config: PolicyConfig | None = None
+    bridge: MqttBridge | None = None
+    control: ControlServer | None = None
+    metering: Metering | None = None
+
+    async def discard(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+        if self.metering is not None:
+            await self.metering.close()
 
 
 class Daemon:
-    """Everything `esim-agent run` does; one instance per process, restartable on SIGHUP."""
+    """Everything `esim-agent run` does; one instance per process."""
 
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
         self.config_path = config_path
+        self.cfg = cfg
+        self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self._started_at = time.time()
-        self._configure(cfg)
-
-    def _configure(self, cfg: Config) -> None:
-        """Fresh per-config state (at start and on each accepted SIGHUP)."""
-        self.cfg = cfg
-        self.state_dir = Path(cfg.state_dir)
         self.sessions: dict[str, ModemSession] = {}
         self.monitors: dict[str, LayerMonitor] = {}
         self.layer_probes: dict[str, list[tuple[str, Probe, float]]] = {}
@@ -99,17 +122,34 @@ class Daemon:
         self.bridge: MqttBridge | None = None
         self.control: ControlServer | None = None
         self.policy: PolicyState | None = None
-        self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_KEEP)
-        self._events: asyncio.Queue[PolicyEvent] = asyncio.Queue()
-        self._fed: dict[str, tuple[str, str]] = {}
-        self._jobs: set[asyncio.Task[Any]] = set()
-        self._record_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._processed: dict[int, asyncio.Future[list[Action]]] = {}
-        self._published: dict[str, Any] = {}
-        self.usage: UsageTracker | None = None
-        self.evidence = EvidenceFeeds(
-            lambda m: [self.monitors[x.name] for x in self.cfg.layers if x.modem == m]
+        self.metering: Metering | None = None
+        #: (state, reason) per layer as last reported to the policy.
+        self.fed: dict[str, tuple[str, str]] = {}
+        self.publisher = StatePublisher(lambda: self.bridge)
+        self.hooks = HookQueue()
+        self.timeline = Timeline(
+            self.publisher.event,
+            lambda record: self.hooks.submit(
+                self.cfg.hooks.on_transition, record, self.cfg.hooks.timeout
+            ),
+            keep=TIMELINE_KEEP,
         )
+        self.actuator = Actuator(self)
+        #: Passive evidence (URCs, link events, interface counters) for the layer monitors.
+        self.evidence = EvidenceFeeds(
+            lambda m: [
+                self.monitors[x.name]
+                for x in self.cfg.layers
+                if x.modem == m and x.name in self.monitors
+            ]
+        )
+        self.commands: CommandTable = DaemonCommands(self).table()
+        self._events: asyncio.Queue[PolicyEvent] = asyncio.Queue()
+        self._policy_open = False
+        self._health_changed = asyncio.Event()
+        self._policy_beat: float | None = None
+        self._stall: str | None = None
+        self._processed: dict[int, asyncio.Future[list[Action]]] = {}
 
     # ---- running -------------------------------------------------------------------------
 
@@ -119,8 +159,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        status = 0
+        started = False
         try:
             await self._start()
+            started = True
             while True:
                 stop = asyncio.create_task(self._stop.wait())
                 reload = asyncio.create_task(self._reload.wait())
@@ -130,15 +173,20 @@ class Daemon:
                 if self._stop.is_set():
                     break
                 self._reload.clear()
-                await self._reload_config()
+                await self.reload()
+        except PreflightError as exc:
+            log.error("daemon_start_failed", error=str(exc), exit_status=exc.exit_status)
+            status = exc.exit_status
         finally:
             sdnotify.stopping()
-            log.info("daemon_stopping")
+            if started:
+                log.info("daemon_stopping")
             await self._shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        log.info("daemon_stopped")
-        return 0
+        if started:
+            log.info("daemon_stopped")
+        return status
 
     def request_stop(self) -> None:
         """Stop as SIGTERM would (for embedding and tests)."""
@@ -146,100 +194,112 @@ class Daemon:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        problem = state_dir_problem(cfg.state_dir, create=True)
+        if problem is not None:
+            raise PreflightError(problem, EX_CANTCREAT)
+        for m in cfg.modems:
+            if m.port is not None and (problem := port_problem(m.port)) is not None:
+                raise PreflightError(problem, EX_NOPERM)
         log.info("daemon_starting", device_id=cfg.device_id, modems=len(cfg.modems))
-        # Never raises: a usage file that fails is counted around in memory (agent.daemon.usage).
-        self.usage = await UsageTracker.open(
-            self.state_dir / "usage.db",
-            self._on_quota_alert,
-            thresholds=tuple(cfg.usage.alert_thresholds),
-            period_start_day=cfg.usage.period_start_day,
-            on_problem=self._on_usage_problem,
-        )
-        self.usage.apply_config(cfg.usage)
+        # The socket first: a second daemon on it must stop before it touches any port.
+        self.control = await self._open_control(cfg.control_socket)
+        self.metering = await Metering.open(cfg, self.publisher, self.actuator.spawn)
         for mcfg in cfg.modems:
-            self.sessions[mcfg.id] = ModemSession(
-                mcfg,
-                state_dir=self.state_dir,
-                on_update=self._on_session_update,
-                rollback_timeout=cfg.timers.rollback_timeout,
-                on_poll=self._sample_usage,
-            )
-        thresholds = Thresholds(
-            rssi_dbm_min=float(cfg.health.rssi_dbm_min)
-            if cfg.health.rssi_dbm_min is not None
-            else float("-inf"),
-            rsrp_dbm_min=cfg.health.rsrp_dbm_min
-            if cfg.health.rsrp_dbm_min is not None
-            else float("-inf"),
-            down_after=cfg.health.down_after,
-            up_after=cfg.health.up_after,
-            degraded_ratio=cfg.health.degraded_ratio,
-        )
-        interfaces = {m.id: i for m in cfg.modems if (i := interface_of(m)) is not None}
+            self.sessions[mcfg.id] = self._new_session(cfg, mcfg.id)
         for layer in cfg.layers:
-            probes = [
-                (f"{p.kind}{i}", probe_from_spec(p.kind, p.target, p.timeout), p.interval)
-                for i, p in enumerate(layer.probes)
-            ]
-            self.layer_probes[layer.name] = probes
-            window = max((p.window for p in layer.probes), default=5)
-            self.monitors[layer.name] = LayerMonitor(
-                layer.name,
-                probes,
-                None,
-                thresholds,
-                self._on_monitor_change,
-                window_size=window,
-                failure_interval=cfg.health.failure_interval,
-                traffic_aware=cfg.health.traffic_aware,
-                probe_budget=cfg.health.probe_budget,
-                counters=self.evidence.counters_source(ifname)
-                if (ifname := interfaces.get(layer.modem))
-                else None,
-            )
-            self.monitors[layer.name].probe_gate = self._gate(layer)
+            self.monitors[layer.name], self.layer_probes[layer.name] = self._new_monitor(cfg, layer)
         self.policy = initial_state(
-            PolicyConfig.from_config(cfg), time.monotonic(), id_prefix=f"{cfg.device_id}"
+            PolicyConfig.from_config(cfg), time.monotonic(), id_prefix=boot_prefix(cfg.device_id)
         )
         if cfg.mqtt.enabled:
-            self.bridge = MqttBridge(self._mqtt_settings(), cfg.device_id, self._mqtt_command)
-            for pool in cfg.usage.pools:
-                if pool.devices:
-                    # Siblings publish their share of the pool; ours goes out after each poll.
-                    self.bridge.watch(
-                        f"{cfg.mqtt.base_topic}/+/usage/pool/{pool.name}", self._on_sibling_pool
-                    )
+            self.bridge = self._new_bridge(cfg)
             self.supervisor.start("mqtt", self.bridge.run)
             self._publish_layers()
             self._publish_device()
-        socket_path = cfg.control_socket
-        self.control = ControlServer(socket_path, CommandTable(self._control_commands()))
-        await self.control.start()
+        self.supervisor.start("hooks", self.hooks.run)
         for session in self.sessions.values():
             self.supervisor.start(f"modem-{session.id}", session.run)
-        # Give modems a moment to come up so the first decisions see real state.
-        await asyncio.wait(
-            [asyncio.create_task(s.wait_online(STARTUP_WAIT_S)) for s in self.sessions.values()]
-            or [asyncio.create_task(asyncio.sleep(0))]
-        )
+        # Each modem's first attempt, not its success: an absent modem fails at once and
+        # must not hold the others (nor READY=1).
+        await self._wait_all([s.attempted.wait() for s in self.sessions.values()], STARTUP_WAIT_S)
         await self._recover_euicc_state()
         for name, monitor in self.monitors.items():
             self.supervisor.start(f"health-{name}", monitor.run)
-        for modem_id, ifname in interfaces.items():
-            self.supervisor.start(f"links-{modem_id}", self.evidence.link_task(modem_id, ifname))
+        for m in cfg.modems:
+            self._start_links(m.id)
+        await self._first_probe_round()
+        self._open_policy()
         self.supervisor.start("policy", self._policy_loop)
         self.supervisor.start("tick", self._tick_loop)
         if sdnotify.watchdog_interval() is not None:
             self.supervisor.start("watchdog", lambda: sdnotify.run_watchdog(self._alive))
         sdnotify.ready(f"running; {len(self.sessions)} modem(s)")
-        log.info("daemon_ready", control=str(socket_path))
+        log.info("daemon_ready", control=cfg.control_socket)
+
+    async def _open_control(self, path: str) -> ControlServer:
+        problem = control_socket_problem(path, create=True)
+        if problem is not None:
+            raise PreflightError(problem, EX_CANTCREAT)
+        control = ControlServer(path, self.commands.control)
+        try:
+            await control.start()
+        except DaemonAlreadyRunning as exc:
+            raise PreflightError(str(exc), EX_TEMPFAIL) from None
+        except ControlError as exc:
+            raise PreflightError(str(exc), EX_RUNTIME) from None
+        return control
+
+    @staticmethod
+    async def _wait_all(waits: list[Coroutine[Any, Any, Any]], timeout: float) -> None:
+        if not waits:
+            return
+        tasks = [asyncio.create_task(w) for w in waits]
+        await asyncio.wait(tasks, timeout=timeout)
+        for t in tasks:
+            t.cancel()
+
+    async def _first_probe_round(self) -> None:
+        """Give every layer that can answer its first probe round before the first decision,
+        so a lower layer whose probe happens to answer first is not chosen over a healthy
+        higher one (and then kept for failback_stable). Bounded, and absent modems are not
+        waited for."""
+        assert self.policy is not None
+        waiting = [
+            spec.name
+            for spec in self.policy.config.layers
+            if not spec.dormant
+            and self.layer_probes.get(spec.name)
+            and self.sessions[spec.modem].online
+        ]
+        bound = max(
+            (p.timeout for x in self.cfg.layers if x.name in waiting for p in x.probes),
+            default=0.0,
+        )
+
+        async def answered() -> None:
+            while any(self._effective_health(n)[0] == "unknown" for n in waiting):
+                self._health_changed.clear()
+                await self._health_changed.wait()
+
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(bound + 2.0, FIRST_ROUND_MAX_S)):
+                    await answered()
+            log.info(
+                "first_probe_round",
+                layers={n: self._effective_health(n)[0] for n in waiting},
+            )
+
+    def _open_policy(self) -> None:
+        """Start reporting to the policy: every layer once, in priority order, so the first
+        decision sees the higher layers before the lower ones."""
+        self._policy_open = True
+        self.fed.clear()
+        for layer in self.cfg.layers:
+            self.feed(layer.name)
 
     async def _shutdown(self) -> None:
-        for job in list(self._jobs):
-            job.cancel()
-        if self._jobs:
-            await asyncio.wait(self._jobs, timeout=10)
+        await self.actuator.stop()
         if self.bridge is not None:
             with contextlib.suppress(Exception):
                 await self.bridge.close()
@@ -247,29 +307,216 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         self.evidence.close()
-        if self.usage is not None:
-            await self.usage.close()
-        self.sessions.clear()
-        self.monitors.clear()
+        if self.metering is not None:
+            await self.metering.close()
 
-    async def _reload_config(self) -> None:
+    def _alive(self) -> bool:
+        if self._stop.is_set():
+            return False
+        now = time.monotonic()
+        problem = stalled(
+            now,
+            self._policy_beat,
+            (
+                (
+                    s.id,
+                    s.last_tick,
+                    session_bound(s.cfg.poll_interval, s.switching, self.cfg.timers.switch_timeout),
+                )
+                for s in self.sessions.values()
+            ),
+        )
+        if problem != self._stall:
+            self._stall = problem
+            if problem is not None:
+                log.error("daemon_stalled", problem=problem)
+            else:
+                log.info("daemon_progressing")
+        return problem is None
+
+    # ---- building parts --------------------------------------------------------------------
+
+    def _new_session(self, cfg: Config, modem_id: str) -> ModemSession:
+        return ModemSession(
+            cfg.modem(modem_id),
+            state_dir=Path(cfg.state_dir),
+            on_update=self._on_session_update,
+            rollback_timeout=cfg.timers.rollback_timeout,
+            on_poll=self._sample_usage,
+        )
+
+    def _new_monitor(
+        self, cfg: Config, layer: LayerConfig
+    ) -> tuple[LayerMonitor, list[tuple[str, Probe, float]]]:
+        h = cfg.health
+        thresholds = Thresholds(
+            rssi_dbm_min=float(h.rssi_dbm_min) if h.rssi_dbm_min is not None else float("-inf"),
+            rsrp_dbm_min=h.rsrp_dbm_min if h.rsrp_dbm_min is not None else float("-inf"),
+            down_after=h.down_after,
+            up_after=h.up_after,
+            degraded_ratio=h.degraded_ratio,
+        )
+        probes = [
+            (f"{p.kind}{i}", probe_from_spec(p.kind, p.target, p.timeout), p.interval)
+            for i, p in enumerate(layer.probes)
+        ]
+        ifname = interface_of(cfg.modem(layer.modem))
+        monitor = LayerMonitor(
+            layer.name,
+            probes,
+            None,
+            thresholds,
+            self._on_monitor_change,
+            window_size=max((p.window for p in layer.probes), default=5),
+            failure_interval=h.failure_interval,
+            traffic_aware=h.traffic_aware,
+            probe_budget=h.probe_budget,
+            counters=self.evidence.counters_source(ifname) if ifname is not None else None,
+        )
+        monitor.probe_gate = self._gate(layer.modem, layer.profile)
+        return monitor, probes
+
+    def _start_links(self, modem_id: str) -> None:
+        """Carrier and address events of the modem's network interface, when it names one."""
+        ifname = interface_of(self.cfg.modem(modem_id))
+        if ifname is not None:
+            self.supervisor.start(f"links-{modem_id}", self.evidence.link_task(modem_id, ifname))
+
+    def _new_bridge(self, cfg: Config) -> MqttBridge:
+        bridge = MqttBridge(self._mqtt_settings(cfg), cfg.device_id, self.commands.mqtt)
+        for pool in cfg.usage.pools:
+            if pool.devices:
+                # Siblings publish their share of the pool; ours goes out after each poll.
+                bridge.watch(f"{cfg.mqtt.base_topic}/+/usage/pool/{pool.name}", self._on_sibling)
+        return bridge
+
+    def _gate(self, modem: str, profile: str) -> Callable[[], bool]:
+        def running() -> bool:
+            # Looked up on each round: a reload may replace the session.
+            session = self.sessions.get(modem)
+            return session is not None and (
+                not session.profiles or session.enabled_iccid == profile
+            )
+
+        return running
+
+    def _mqtt_settings(self, cfg: Config) -> MqttSettings:
+        return settings_from_config(cfg, self.config_path)
+
+    # ---- reload by difference --------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """SIGHUP: apply what changed in the config file; True when a new config was taken."""
         if self.config_path is None:
             log.warning("config_reload_skipped", reason="no config file")
-            return
+            return False
         sdnotify.reloading()
         try:
             new = load_config(self.config_path)
-        except ConfigError as exc:
+            diff = plan(self.cfg, new)
+            built = await self._build(new, diff)
+        except (ConfigError, PreflightError) as exc:
             log.error("config_reload_refused", error=str(exc))
             sdnotify.ready("config reload refused; old config kept")
-            return
-        log.info("config_reloading", file=self.config_path)
-        await self._shutdown()
-        self._configure(new)
-        await self._start()
+            return False
+        except Exception as exc:  # whatever fails while building, the old config keeps running
+            log.error("config_reload_refused", error=f"{type(exc).__name__}: {exc}")
+            sdnotify.ready("config reload refused; old config kept")
+            return False
+        log.info(
+            "config_reloading",
+            file=self.config_path,
+            modems=sorted(diff.modems_new),
+            layers=sorted(diff.layers_new),
+            policy=diff.policy_changed,
+            mqtt=diff.mqtt_changed,
+            unchanged=diff.nothing,
+        )
+        await self._apply(new, diff, built)
+        sdnotify.ready(f"reloaded; active layer: {self._active_name() or 'none'}")
+        log.info("config_reloaded", active_layer=self._active_name())
+        return True
 
-    def _alive(self) -> bool:
-        return not self._stop.is_set()
+    async def _build(self, new: Config, diff: ReloadPlan) -> _Built:
+        """Everything the new config needs that is not running yet; raises (and leaves
+        nothing behind) when any of it cannot be built."""
+        built = _Built()
+        try:
+            if diff.state_dir_changed:
+                problem = state_dir_problem(new.state_dir, create=True)
+                if problem is not None:
+                    raise PreflightError(problem, EX_CANTCREAT)
+            for m in new.modems:
+                if m.id in diff.modems_new and m.port and (problem := port_problem(m.port)):
+                    raise PreflightError(problem, EX_NOPERM)
+            if diff.control_changed:
+                built.control = await self._open_control(new.control_socket)
+            if diff.state_dir_changed:
+                built.metering = await Metering.open(new, self.publisher, self.actuator.spawn)
+            for modem_id in diff.modems_new:
+                built.sessions[modem_id] = self._new_session(new, modem_id)
+            for layer in new.layers:
+                if layer.name in diff.layers_new:
+                    monitor, probes = self._new_monitor(new, layer)
+                    built.monitors[layer.name], built.probes[layer.name] = monitor, probes
+            built.policy_config = PolicyConfig.from_config(new)
+            if diff.mqtt_changed and new.mqtt.enabled:
+                built.bridge = self._new_bridge(new)
+        except BaseException:
+            await built.discard()
+            raise
+        return built
+
+    async def _apply(self, new: Config, diff: ReloadPlan, built: _Built) -> None:
+        # Stop what goes away first: a changed modem's new session needs its port.
+        for name in diff.layers_removed:
+            await self.supervisor.stop_task(f"health-{name}")
+            self.monitors.pop(name, None)
+            self.layer_probes.pop(name, None)
+            self.fed.pop(name, None)
+        for modem_id in diff.modems_removed:
+            await self.supervisor.stop_task(f"links-{modem_id}")
+            await self.supervisor.stop_task(f"modem-{modem_id}")
+            self.sessions.pop(modem_id, None)
+        self.cfg = new
+        if built.metering is not None:
+            old_metering, self.metering = self.metering, built.metering
+            if old_metering is not None:
+                await old_metering.close()
+        elif self.metering is not None:
+            self.metering.reconfigure(new)
+        if built.control is not None:
+            old_control, self.control = self.control, built.control
+            if old_control is not None:
+                await old_control.close()
+        if diff.mqtt_changed:
+            old_bridge, self.bridge = self.bridge, built.bridge
+            await self.supervisor.stop_task("mqtt")
+            if old_bridge is not None:
+                with contextlib.suppress(Exception):
+                    await old_bridge.close()
+            self.publisher.forget()
+            if self.bridge is not None:
+                self.supervisor.start("mqtt", self.bridge.run)
+        if self.policy is not None and built.policy_config is not None:
+            self.policy = carry_policy(self.policy, built.policy_config)
+        self.sessions.update(built.sessions)
+        self.monitors.update(built.monitors)
+        self.layer_probes.update(built.probes)
+        # Keep the file's order (the sessions' order is what status shows).
+        self.sessions = {m.id: self.sessions[m.id] for m in new.modems if m.id in self.sessions}
+        self.monitors = {x.name: self.monitors[x.name] for x in new.layers}
+        for modem_id in built.sessions:
+            self.supervisor.start(f"modem-{modem_id}", self.sessions[modem_id].run)
+            self._start_links(modem_id)
+        for name in built.monitors:
+            self.supervisor.start(f"health-{name}", self.monitors[name].run)
+        for layer in new.layers:
+            self.feed(layer.name)
+        self._publish_layers()
+        self._publish_device()
+        for session in self.sessions.values():
+            self.publisher.modem(session)
 
     # ---- eUICC state after a crash ------------------------------------------------------
 
@@ -278,157 +525,89 @@ class Daemon:
         for session in self.sessions.values():
             if not session.online or not session.profiles:
                 continue
-            home = self._home_profile(session.id)
+            home = self.home_profile(session.id)
             if home is None:
                 continue
             enabled = session.enabled_iccid
             emergency = {layer.profile for layer in self.cfg.layers if layer.role == "emergency"}
             if enabled is None or enabled in emergency:
                 log.warning("euicc_recovering", modem=session.id, enabled=enabled, restore_to=home)
-                try:
-                    report = await self._switch_modem(session, home)
-                    log.info("euicc_recovered", modem=session.id, outcome=report.outcome)
-                except AgentError as exc:
-                    log.error("euicc_recovery_failed", modem=session.id, error=str(exc))
+                report = await self.switch_modem(session, home)
+                log.info("euicc_recovered", modem=session.id, outcome=report.outcome)
 
-    def _gate(self, layer: LayerConfig) -> Callable[[], bool]:
-        session = self.sessions[layer.modem]
-
-        def running() -> bool:
-            return not session.profiles or session.enabled_iccid == layer.profile
-
-        return running
-
-    # ---- usage -----------------------------------------------------------------------------
-
-    async def _sample_usage(self, session: ModemSession) -> None:
-        if self.usage is None:
-            return
-        iccid = session.enabled_iccid or (session.info.sim.iccid if session.info else None)
-        reset, session.counters_reset = session.counters_reset, False
-        # The modem's network interface (issue 7's `interface` on [[modems]]) counts for every
-        # vendor; the modem's own counters are then only a cross-check.
-        ifname = interface_of(session.cfg)
-        linked = ifname is not None
-        try:
-            if ifname is not None:
-                await self.usage.sample_interface(
-                    session.id, iccid, ifname, modem_counters=session.counters
-                )
-            else:
-                await self.usage.sample(session.id, iccid, session.counters, new_session=reset)
-        except AgentError as exc:
-            log.error("usage_sample_failed", modem=session.id, error=str(exc))
-            return
-        for layer in (x for x in self.cfg.layers if x.modem == session.id):
-            if (monitor := self.monitors.get(layer.name)) is None:
-                continue
-            tx, rx = monitor.take_probe_bytes()
-            with contextlib.suppress(AgentError, TimeoutError):
-                await self.usage.record_probe_bytes(layer.name, iccid, tx, rx)
-        if iccid is not None and (linked or session.counters is not None):
-            name = redact_value(iccid) if self.cfg.mqtt.redact else iccid
-            self._publish(f"usage/{name}", self.usage.snapshot(iccid))
-            self._publish_pools(iccid)
-
-    def _publish_pools(self, iccid: str | None = None) -> None:
-        """Our share of each shared pool (that iccid belongs to), for the other devices."""
-        if self.usage is None:
-            return
-        for pool in self.cfg.usage.pools:
-            if iccid is None or iccid in pool.members:
-                try:
-                    self._publish(f"usage/pool/{pool.name}", self.usage.pool_snapshot(pool.name))
-                except (KeyError, ValueError) as exc:
-                    log.warning("usage_pool_publish_failed", pool=pool.name, error=str(exc))
-
-    def _on_sibling_pool(self, topic: str, payload: bytes) -> None:
-        """Another device's retained share of a pool we are in."""
-        rest = topic.removeprefix(f"{self.cfg.mqtt.base_topic}/").split("/")
-        if len(rest) != 4 or rest[0] == self.cfg.device_id or self.usage is None:
-            return
-        device, pool = rest[0], rest[3]
-        try:
-            data = msgspec.json.decode(payload, type=dict[str, Any]) if payload else {}
-            used = int(data["local_bytes"])
-            period = str(data["period"])
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
-            log.warning("usage_sibling_payload_invalid", device=device, pool=pool)
-            return
-        if period != self.usage.current_period():
-            return  # last month's share says nothing about this month's quota
-        self._spawn(f"pool-{pool}-{device}", self._apply_sibling_usage(pool, device, used))
-
-    async def _apply_sibling_usage(self, pool: str, device: str, used: int) -> None:
-        if self.usage is not None:
-            await self.usage.remote_usage(pool, device, used)
-            self._publish_pools()
-
-    def _on_usage_problem(self, detail: dict[str, Any]) -> None:
-        if self.bridge is not None:
-            self.bridge.publish_event(Event(type="usage_store_failed", data=detail))
-
-    def _on_quota_alert(self, alert: QuotaAlert) -> None:
-        data = msgspec.to_builtins(alert)
-        log.warning("quota_alert", **data)
-        if self.bridge is not None:
-            self.bridge.publish_event(Event(type="quota_alert", data=data))
-
-    async def _before_switch(self, session: ModemSession) -> None:
-        """Count the bytes since the last poll: the switch restarts the modem's counters."""
-        try:
-            await session.fresh_counters()
-        except AgentError as exc:
-            log.info("usage_presample_failed", modem=session.id, error=str(exc))
-            return
-        await self._sample_usage(session)
-
-    def _home_profile(self, modem: str) -> str | None:
+    def home_profile(self, modem: str) -> str | None:
         """The profile a modem should run when no emergency is on: its top non-emergency layer."""
         for layer in self.cfg.layers:
             if layer.modem == modem and layer.role != "emergency":
                 return layer.profile
         return None
 
+    # ---- usage -----------------------------------------------------------------------------
+
+    async def _sample_usage(self, session: ModemSession) -> None:
+        if self.metering is not None:
+            monitors = [
+                (x.name, self.monitors[x.name])
+                for x in self.cfg.layers
+                if x.modem == session.id and x.name in self.monitors
+            ]
+            await self.metering.sample(session, monitors)
+
+    def _on_sibling(self, topic: str, payload: bytes) -> None:
+        if self.metering is not None:
+            self.metering.on_sibling_pool(topic, payload)
+
     # ---- health → policy -----------------------------------------------------------------
 
     def _layer(self, name: str) -> LayerConfig:
-        return next(layer for layer in self.cfg.layers if layer.name == name)
+        return self.cfg.layer(name)
+
+    def _active_name(self) -> str | None:
+        return self.policy.active if self.policy is not None else None
 
     def _effective_health(self, name: str) -> tuple[str, str]:
         layer = self._layer(name)
-        session = self.sessions[layer.modem]
-        health = self.monitors[name].health
+        session = self.sessions.get(layer.modem)
+        monitor = self.monitors.get(name)
+        if session is None or monitor is None:
+            return "unknown", "no_data"
         if session.profiles and session.enabled_iccid != layer.profile:
             # The probes reach whatever profile the modem runs; they say nothing about this one.
             return "down", "profile_inactive"
         if not session.online and session.last_error is not None:
             return "down", f"modem_offline: {session.last_error}"
+        health = monitor.health
         return health.state, health.reason
 
-    def _feed(self, name: str) -> None:
-        state, reason = self._effective_health(name)
-        if self._fed.get(name) == (state, reason):
+    def feed(self, name: str) -> None:
+        """Report a layer's effective health to the policy when it changed."""
+        if name not in self.monitors:
             return
-        self._fed[name] = (state, reason)
-        log.info("layer_health", layer=name, state=state, reason=reason)
-        self._events.put_nowait(
-            LayerHealth(layer=name, health=Health(state), reason=reason, now=time.monotonic())
-        )
-        self._publish_health(name)
-        self._publish_layers()
+        state, reason = self._effective_health(name)
+        if self._policy_open and self.fed.get(name) != (state, reason):
+            self.fed[name] = (state, reason)
+            log.info("layer_health", layer=name, state=state, reason=reason)
+            self.post(
+                LayerHealth(layer=name, health=Health(state), reason=reason, now=time.monotonic())
+            )
+            self._publish_layers()
+        self.publisher.health(name, self.monitors[name].snapshot(), self.fed)
 
     def _on_monitor_change(self, name: str, _health: MonitorHealth) -> None:
-        self._feed(name)
+        self._health_changed.set()
+        self.feed(name)
 
     def _on_session_update(self, session: ModemSession) -> None:
+        if self.sessions.get(session.id) is not session:
+            return  # a session a reload replaced, reporting on its way out
         if session.modem is not None:
             self.evidence.watch_channel(session.id, session.modem.channel)
         for layer in self.cfg.layers:
             if layer.modem == session.id and layer.name in self.monitors:
                 self.monitors[layer.name].update_signals(session.signals())
-                self._feed(layer.name)
-        self._publish_modem(session)
+                self.feed(layer.name)
+        self.publisher.modem(session)
+        self._publish_device()
 
     # ---- the policy loop -------------------------------------------------------------------
 
@@ -440,6 +619,7 @@ class Daemon:
     async def _policy_loop(self) -> None:
         while True:
             event = await self._events.get()
+            self._policy_beat = time.monotonic()
             assert self.policy is not None
             before = (self.policy.active, self.policy.phase)
             self.policy, actions = transition(self.policy, event)
@@ -447,7 +627,7 @@ class Daemon:
             if waiter is not None and not waiter.done():
                 waiter.set_result(actions)
             for action in actions:
-                self._execute(action)
+                self.actuator.execute(action)
             if (self.policy.active, self.policy.phase) != before:
                 self._publish_layers()
                 self._publish_device()
@@ -461,231 +641,8 @@ class Daemon:
         async with asyncio.timeout(10):
             return await fut
 
-    def _execute(self, action: Action) -> None:
-        if isinstance(action, EmitEvent):
-            self._record(action.event)
-        elif isinstance(action, ActivateLayer):
-            self._spawn(f"activate-{action.layer}", self._activate(action))
-        elif isinstance(action, EnableEmergency):
-            log.warning("emergency_enabling", layer=action.layer)
-        elif isinstance(action, DisableEmergency):
-            self._spawn(f"disable-emergency-{action.layer}", self._disable_emergency(action.layer))
-        elif isinstance(action, RadioUp | RadioDown):
-            session = self.sessions.get(action.modem)
-            if session is not None:
-                self._spawn(f"radio-{action.modem}", session.radio(isinstance(action, RadioUp)))
-
-    def _spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._jobs.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._jobs.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("job_failed", job=name, error=str(t.exception()), exc_info=t.exception())
-
-        task.add_done_callback(done)
-
-    def _record(self, event: TransitionEvent) -> None:
-        record = describe(event)
-        log.info("transition", **record)
-        if event.outcome == "pending":
-            if self.bridge is not None:
-                self.bridge.publish_event(Event(type="transition_started", data=record))
-            return
-        self.timeline.append(record)
-        waiter = self._record_waiters.pop(event.id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(record)
-        if self.bridge is not None:
-            self.bridge.publish_event(Event(type="transition", data=record))
-        if self.cfg.hooks.on_transition:
-            self._spawn(
-                f"hooks-{event.id}",
-                run_hooks(self.cfg.hooks.on_transition, record, self.cfg.hooks.timeout),
-            )
-
-    # ---- actuator ------------------------------------------------------------------------
-
-    def _probe_fn(self, profile: str) -> Callable[[], Awaitable[bool]] | None:
-        """A one-shot data-path check for the layer that runs profile (any probe passing)."""
-        layer = next((x for x in self.cfg.layers if x.profile == profile), None)
-        if layer is None or not self.layer_probes.get(layer.name):
-            return None
-        probes = [p for _, p, _ in self.layer_probes[layer.name]]
-
-        async def probe() -> bool:
-            results = await asyncio.gather(*(p.run() for p in probes))
-            return any(r.ok for r in results)
-
-        return probe
-
-    async def _activate(self, action: ActivateLayer) -> None:
-        """Carry out an ActivateLayer; always answers the policy with exactly one SwitchDone."""
-        layer = self._layer(action.layer)
-        session = self.sessions[layer.modem]
-        monitor = self.monitors[layer.name]
-        deadline = time.monotonic() + self.cfg.timers.switch_timeout
-        ok, reason, timings = False, "", {}
-        held = self._hold(layer.modem)
-        switched = False
-        try:
-            if not await session.wait_online(OFFLINE_GRACE_S):
-                raise AgentError(f"modem {session.id} is offline")
-            if session.enabled_iccid != layer.profile:
-                await self._before_switch(session)
-                report = await session.safe_switch(layer.profile, self._probe_fn(layer.profile))
-                switched = True
-                log.info(
-                    "layer_switch_report",
-                    layer=layer.name,
-                    outcome=report.outcome,
-                    phases=msgspec.to_builtins(report.phases),
-                    error=report.error,
-                )
-                if report.outcome != "switched":
-                    reason = f"{report.outcome}: {report.error}"
-                    return
-                monitor.clear()  # its history is of the link before the switch
-            timings["switched_at"] = time.monotonic()
-            while True:
-                health = await monitor.check_once()
-                if health.state in ("up", "degraded"):
-                    ok = True
-                    break
-                if time.monotonic() >= deadline:
-                    reason = f"not verified: {health.reason}"
-                    break
-                await asyncio.sleep(VERIFY_INTERVAL_S)
-            timings["verified_at"] = time.monotonic()
-        except AgentError as exc:
-            reason = str(exc)
-        finally:
-            for m in held:
-                m.resume(reset=switched)
-            self._events.put_nowait(
-                SwitchDone(
-                    layer=layer.name, ok=ok, now=time.monotonic(), reason=reason, timings=timings
-                )
-            )
-            self._refeed(layer.modem)
-
-    def _hold(self, modem: str) -> list[LayerMonitor]:
-        """Pause health reports of every layer on a modem (its link is about to change)."""
-        held = [self.monitors[x.name] for x in self.cfg.layers if x.modem == modem]
-        for m in held:
-            m.pause()
-        return held
-
-    def _refeed(self, modem: str) -> None:
-        """Report the layers on a modem to the policy again (their profile may have changed)."""
-        for x in self.cfg.layers:
-            if x.modem == modem:
-                self._feed(x.name)
-
-    async def _switch_modem(self, session: ModemSession, iccid: str) -> SwitchReport:
-        """A safe switch outside the policy's own activations: health reports on that modem
-        are held while it runs, so the policy does not chase the switch's own outage."""
-        held = self._hold(session.id)
-        try:
-            if session.enabled_iccid != iccid:
-                await self._before_switch(session)
-            return await session.safe_switch(iccid, self._probe_fn(iccid))
-        finally:
-            for m in held:
-                m.resume(reset=True)
-            self._refeed(session.id)
-
-    async def _disable_emergency(self, name: str) -> None:
-        layer = self._layer(name)
-        session = self.sessions[layer.modem]
-        home = self._home_profile(layer.modem)
-        if home is None or session.enabled_iccid != layer.profile:
-            return
-        log.info("emergency_disabling", layer=name, restore_to=home)
-        report = await self._switch_modem(session, home)
-        event = {"layer": name, "restored": home, "outcome": report.outcome, "error": report.error}
-        log.info("emergency_disabled", **event)
-        if self.bridge is not None:
-            self.bridge.publish_event(Event(type="emergency_disabled", data=event))
-
-    # ---- commands (control socket and MQTT) ----------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """Everything `esim-agent status --json` shows."""
-        layers = []
-        pol = summary(self.policy) if self.policy is not None else {}
-        for layer in self.cfg.layers:
-            state, reason = self._fed.get(layer.name, ("unknown", "no_data"))
-            mon = self.monitors[layer.name].snapshot() if layer.name in self.monitors else None
-            layers.append(
-                {
-                    "name": layer.name,
-                    "role": layer.role,
-                    "modem": layer.modem,
-                    "profile": layer.profile,
-                    "health": state,
-                    "reason": reason,
-                    "active": self.policy is not None and self.policy.active == layer.name,
-                    "probe_interval_s": mon.round_interval_s if mon else None,
-                    "probe_bytes": {"tx": mon.probe_tx_bytes, "rx": mon.probe_rx_bytes}
-                    if mon
-                    else None,
-                    # This period's probe bytes from the ledger (in memory: no disk on the loop).
-                    "probe_usage": self.usage.probe_snapshot(layer.name) if self.usage else None,
-                }
-            )
-        modems = []
-        for s in self.sessions.values():
-            entry = s.summary()
-            entry["info"] = msgspec.to_builtins(s.info) if s.info is not None else None
-            entry["profiles"] = msgspec.to_builtins(s.profiles)
-            modems.append(entry)
-        return {
-            "device_id": self.cfg.device_id,
-            "active_layer": self.policy.active if self.policy else None,
-            "phase": str(self.policy.phase) if self.policy else None,
-            "layers": layers,
-            "modems": modems,
-            "policy": pol,
-            "tasks": self.supervisor.snapshot(),
-            "timeline": list(self.timeline)[-20:],
-            "uptime_s": round(time.time() - self._started_at, 1),
-        }
-
-    def _session(self, modem: str | None) -> ModemSession:
-        if modem is None:
-            if len(self.sessions) == 1:
-                return next(iter(self.sessions.values()))
-            raise CommandRejected("invalid_payload", "name the modem")
-        session = self.sessions.get(modem)
-        if session is None:
-            for s in self.sessions.values():
-                if modem in (s.port, s.cfg.port):
-                    return s
-            raise CommandRejected("unknown_modem", f"no modem {modem!r}")
-        return session
-
-    def _check_profile(self, session: ModemSession, iccid: str) -> None:
-        if not any(p.iccid == iccid for p in session.profiles):
-            raise CommandRejected("iccid_not_found", f"no profile {iccid} on {session.id}")
-
-    def _active_layer(self) -> LayerConfig | None:
-        if self.policy is None or self.policy.active is None:
-            return None
-        return self._layer(self.policy.active)
-
-    async def switch_layer(self, layer: str | None) -> dict[str, Any]:
-        """Pin a layer (None unpins) and wait for the resulting transition."""
-        if layer is not None and layer not in self.monitors:
-            raise CommandRejected("unknown_layer", f"no layer {layer!r}")
-        return await self._run_transition(ManualSwitch(layer=layer, now=time.monotonic()))
-
-    async def drill(self) -> dict[str, Any]:
-        """Move to the next usable lower layer now, as a rehearsal."""
-        return await self._run_transition(Drill(now=time.monotonic()))
-
-    async def _run_transition(self, event: PolicyEvent) -> dict[str, Any]:
+    async def run_transition(self, event: PolicyEvent) -> dict[str, Any]:
+        """Submit a manual switch or drill and wait for the transition it started, if any."""
         actions = await self.submit(event)
         records = [a.event for a in actions if isinstance(a, EmitEvent)]
         if not records:
@@ -693,259 +650,35 @@ class Daemon:
         first = records[0]
         if first.outcome != "pending":
             return {"accepted": first.outcome != "rejected", "transition": describe(first)}
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._record_waiters[first.id] = fut
-        async with asyncio.timeout(self.cfg.timers.switch_timeout + 30):
-            record = await fut
+        record = await self.timeline.wait_for(first.id, self.cfg.timers.switch_timeout + 30)
         return {"accepted": True, "transition": record}
 
-    async def profile_enable(self, modem: str | None, iccid: str) -> dict[str, Any]:
-        """Safe-switch a modem to iccid (refused on the active layer's modem)."""
-        session = self._session(modem)
-        self._check_profile(session, iccid)
-        active = self._active_layer()
-        if active is not None and active.modem == session.id and active.profile != iccid:
-            raise CommandRejected(
-                "not_allowed",
-                f"{session.id} carries the active layer {active.name}: use switch_layer",
-            )
-        if session.switching:
-            raise CommandRejected("busy", f"{session.id} is switching profiles right now")
-        report = await self._switch_modem(session, iccid)
-        return msgspec.to_builtins(report)  # type: ignore[no-any-return]
+    def post(self, event: PolicyEvent) -> None:
+        """Hand an event to the policy loop without waiting."""
+        self._events.put_nowait(event)
 
-    async def profile_disable(self, modem: str | None, iccid: str) -> dict[str, Any]:
-        """Disable a profile unless the active layer runs on it."""
-        session = self._session(modem)
-        self._check_profile(session, iccid)
-        layer = next(
-            (x for x in self.cfg.layers if x.modem == session.id and x.profile == iccid), None
-        )
-        if layer is not None and session.enabled_iccid == iccid:
-            # Disabling it would leave the modem with no profile to register with; the policy
-            # moves layers itself (switch_layer asks it to).
-            raise CommandRejected(
-                "not_allowed", f"{iccid} runs layer {layer.name}: use switch_layer instead"
-            )
+    async def before_switch(self, session: ModemSession) -> None:
+        """Count the bytes since the last poll: the switch restarts the modem's counters."""
+        if self.metering is not None:
+            await self.metering.before_switch(session)
 
-        async def op(lpa: Lpa) -> None:
-            await lpa.disable_profile(iccid)
-
-        await session.with_lpa(op)
-        return {"iccid": iccid, "state": "disabled"}
-
-    async def profile_nickname(
-        self, modem: str | None, iccid: str, nickname: str
-    ) -> dict[str, Any]:
-        """Set a profile's nickname."""
-        session = self._session(modem)
-        self._check_profile(session, iccid)
-
-        async def op(lpa: Lpa) -> None:
-            await lpa.set_nickname(iccid, nickname)
-
-        await session.with_lpa(op)
-        return {"iccid": iccid, "nickname": nickname}
-
-    async def _mqtt_command(self, name: str, args: dict[str, Any], ctx: CommandContext) -> object:
-        log.info("mqtt_command", command=name, sender=ctx.sender, request_id=ctx.request_id)
-        if name == "status":
-            return self.status()
-        if name == "switch_layer":
-            return await self.switch_layer(args["layer"])
-        if name == "drill":
-            return await self.drill()
-        if name == "profile_enable":
-            return await self.profile_enable(args["modem"], args["iccid"])
-        if name == "profile_disable":
-            return await self.profile_disable(args["modem"], args["iccid"])
-        if name == "profile_nickname":
-            return await self.profile_nickname(args["modem"], args["iccid"], args["nickname"])
-        raise CommandRejected("unknown_command", name)
-
-    def _control_commands(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[object]]]:
-        async def status(_: dict[str, Any]) -> object:
-            return self.status()
-
-        async def switch_layer(a: dict[str, Any]) -> object:
-            return await self.switch_layer(a.get("layer"))
-
-        async def drill(_: dict[str, Any]) -> object:
-            return await self.drill()
-
-        async def profile_list(a: dict[str, Any]) -> object:
-            session = self._session(a.get("modem"))
-            return {"profiles": msgspec.to_builtins(await session.refresh_profiles())}
-
-        async def profile_enable(a: dict[str, Any]) -> object:
-            return await self.profile_enable(a.get("modem"), str(a["iccid"]))
-
-        async def profile_disable(a: dict[str, Any]) -> object:
-            return await self.profile_disable(a.get("modem"), str(a["iccid"]))
-
-        async def profile_nickname(a: dict[str, Any]) -> object:
-            return await self.profile_nickname(a.get("modem"), str(a["iccid"]), str(a["nickname"]))
-
-        async def profile_delete(a: dict[str, Any]) -> object:
-            session = self._session(a.get("modem"))
-            iccid = str(a["iccid"])
-            self._check_profile(session, iccid)
-
-            async def op(lpa: Lpa) -> None:
-                await lpa.delete_profile(iccid)
-
-            await session.with_lpa(op)
-            return {"iccid": iccid, "deleted": True}
-
-        async def euicc_info(a: dict[str, Any]) -> object:
-            session = self._session(a.get("modem"))
-
-            async def op(lpa: Lpa) -> object:
-                return await lpa.info()
-
-            return msgspec.to_builtins(await session.with_lpa(op))
-
-        async def notification_list(a: dict[str, Any]) -> object:
-            session = self._session(a.get("modem"))
-
-            async def op(lpa: Lpa) -> object:
-                return await lpa.list_notifications()
-
-            return {"notifications": msgspec.to_builtins(await session.with_lpa(op))}
-
-        async def notification_remove(a: dict[str, Any]) -> object:
-            session = self._session(a.get("modem"))
-            seq = int(a["seq_number"])
-
-            async def op(lpa: Lpa) -> None:
-                await lpa.remove_notification(seq)
-
-            await session.with_lpa(op)
-            return {"seq_number": seq, "removed": True}
-
-        async def modem_info(a: dict[str, Any]) -> object:
-            session = self._session(a.get("modem"))
-            session.poll_soon()
-            return msgspec.to_builtins(session.info)
-
-        return {
-            "status": status,
-            "switch_layer": switch_layer,
-            "drill": drill,
-            "profile_list": profile_list,
-            "profile_enable": profile_enable,
-            "profile_disable": profile_disable,
-            "profile_nickname": profile_nickname,
-            "profile_delete": profile_delete,
-            "euicc_info": euicc_info,
-            "notification_list": notification_list,
-            "notification_remove": notification_remove,
-            "modem_info": modem_info,
-        }
+    async def switch_modem(self, session: ModemSession, iccid: str) -> SwitchReport:
+        """A safe switch asked for outside the policy (commands, recovery)."""
+        return await self.actuator.switch_modem(session, iccid)
 
     # ---- MQTT publishing -----------------------------------------------------------------
 
-    def _mqtt_settings(self) -> MqttSettings:
-        return settings_from_config(self.cfg, self.config_path)
-
-    def _publish(self, key: str, payload: msgspec.Struct | dict[str, Any]) -> None:
-        """Publish retained state when it changed (timestamps aside): siblings on metered
-        links should not pay for a poll that found nothing new."""
-        if self.bridge is None:
-            return
-        value = msgspec.to_builtins(payload)
-        comparable = {k: v for k, v in value.items() if k not in ("updated_at", "checked_at")}
-        if self._published.get(key) == comparable:
-            return
-        self._published[key] = comparable
-        self.bridge.publish_state(key, payload)
-
-    def _publish_modem(self, session: ModemSession) -> None:
-        if self.bridge is None:
-            return
-        if session.info is not None:
-            state = ModemState.from_info(
-                session.id, session.info, port=session.port, online=session.online, eid=session.eid
-            )
-        else:
-            state = ModemState(id=session.id, port=session.port, online=session.online)
-        self._publish(f"modems/{session.id}", state)
-        self._publish(
-            f"profiles/{session.id}",
-            ProfilesState(
-                modem=session.id,
-                profiles=[
-                    ProfileEntry(
-                        iccid=p.iccid or "",
-                        isdp_aid=p.isdp_aid,
-                        state=p.state or "unknown",
-                        nickname=p.nickname,
-                        service_provider_name=p.service_provider_name,
-                        profile_name=p.profile_name,
-                        profile_class=p.profile_class,
-                    )
-                    for p in session.profiles
-                ],
-            ),
-        )
-        self._publish_device()
+    def _active_layer(self) -> LayerConfig | None:
+        name = self._active_name()
+        if name is None:
+            return None
+        try:
+            return self._layer(name)
+        except KeyError:
+            return None
 
     def _publish_layers(self) -> None:
-        if self.bridge is None:
-            return
-        active = self.policy.active if self.policy is not None else None
-        self._publish(
-            "layers",
-            LayersState(
-                active=active,
-                layers=[
-                    LayerEntry(
-                        name=x.name,
-                        role=x.role,
-                        modem=x.modem,
-                        profile=x.profile,
-                        health=self._fed.get(x.name, ("unknown", ""))[0],
-                        active=x.name == active,
-                    )
-                    for x in self.cfg.layers
-                ],
-            ),
-        )
-
-    def _publish_health(self, name: str) -> None:
-        if self.bridge is None:
-            return
-        snap = self.monitors[name].snapshot()
-        state, reason = self._fed.get(name, (snap.state, snap.reason))
-        latencies = [p.latency_ms for p in snap.probes if p.latency_ms is not None]
-        self._publish(
-            f"health/{name}",
-            HealthState(
-                layer=name,
-                status=state,
-                latency_ms=min(latencies) if latencies else None,
-                consecutive_failures=max((p.consecutive_failures for p in snap.probes), default=0),
-                consecutive_successes=min(
-                    (p.consecutive_successes for p in snap.probes), default=0
-                ),
-                detail=reason,
-            ),
-        )
+        self.publisher.layers(self.cfg.layers, self._active_name(), self.fed)
 
     def _publish_device(self) -> None:
-        if self.bridge is None:
-            return
-        active = self._active_layer()
-        connected = active is not None and self._fed.get(active.name, ("down", ""))[0] in (
-            "up",
-            "degraded",
-        )
-        self._publish(
-            "state",
-            DeviceState(
-                device_id=self.cfg.device_id,
-                active_layer=active.name if active else None,
-                active_profile=active.profile if active else None,
-                connectivity=connected,
-            ),
-        )
+        self.publisher.device(self.cfg.device_id, self._active_layer(), self.fed)

@@ -368,6 +368,11 @@ class ControlServer:
                     await self._write(writer, await self._answer(line))
         except (ConnectionError, TimeoutError) as exc:
             log.debug("control_connection_dropped", error=repr(exc))
+        except asyncio.CancelledError:
+            # close() cancels open connections. Python 3.11's stream callback calls
+            # task.exception() on the finished handler, which raises for a cancelled task
+            # and prints a traceback at every shutdown: end normally instead.
+            return
         finally:
             self._connections.discard(task)
             writer.close()

@@ -103,3 +103,34 @@ async def run_hooks(
     """Run each hook in order, one at a time, each with its own timeout; results in the same order."""
     payload = msgspec.json.encode(event) + b"\n"
     return [await run_hook(path, payload, timeout) for path in executables]
+
+
+class HookQueue:
+    """Runs the hooks of consecutive transitions in order, one transition at a time: a slow
+    hook delays the next transition's hooks instead of racing them."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[tuple[tuple[str, ...], dict[str, object], float]] = (
+            asyncio.Queue()
+        )
+        self.done = 0
+
+    def submit(self, executables: list[str], event: Mapping[str, object], timeout: float) -> None:
+        """Queue one transition's hooks (nothing to do without executables)."""
+        if executables:
+            self._queue.put_nowait((tuple(executables), dict(event), timeout))
+
+    @property
+    def pending(self) -> int:
+        """Transitions whose hooks have not started yet."""
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        """Work the queue until cancelled."""
+        while True:
+            executables, event, timeout = await self._queue.get()
+            try:
+                await run_hooks(list(executables), event, timeout)
+            finally:
+                self.done += 1
+                self._queue.task_done()

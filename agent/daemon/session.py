@@ -67,6 +67,12 @@ class ModemSession:
         #: Serialises multi-command work (eUICC sessions, switches, polls) on this modem.
         self.lock = asyncio.Lock()
         self.connected = asyncio.Event()
+        #: Set once the first connection attempt ended either way: an absent modem must not
+        #: hold the daemon's start for the others.
+        self.attempted = asyncio.Event()
+        self.ever_online = False
+        #: Monotonic time the run loop last made progress (the watchdog checks it).
+        self.last_tick = time.monotonic()
         self._poll_now = asyncio.Event()
         self._log = log.bind(modem=cfg.id)
 
@@ -89,6 +95,7 @@ class ModemSession:
         """Connect, poll until the port goes, reconnect with backoff; runs until cancelled."""
         backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S)
         while True:
+            self.last_tick = time.monotonic()
             try:
                 await self._connect()
                 backoff.reset()
@@ -107,6 +114,7 @@ class ModemSession:
         self.online = False
         self.connected.clear()
         self.last_error = reason
+        self.attempted.set()
         self._on_update(self)
 
     async def _close_modem(self) -> None:
@@ -150,7 +158,9 @@ class ModemSession:
         async with self.lock:
             await self._read_euicc()
             await self._read_state()
+        self.ever_online = True
         self.connected.set()
+        self.attempted.set()
         self._on_update(self)
 
     async def _poll_loop(self) -> None:
@@ -159,6 +169,7 @@ class ModemSession:
         lost = asyncio.create_task(modem.channel.lost_event.wait(), name=f"{self.id}-lost")
         try:
             while True:
+                self.last_tick = time.monotonic()
                 self._poll_now.clear()
                 waiters = {
                     lost,

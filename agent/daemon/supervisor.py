@@ -75,6 +75,15 @@ class Supervisor:
             log.info("task_finished", task=record.name)
             return
 
+    async def stop_task(self, name: str, timeout: float = 10.0) -> None:
+        """Cancel one named task and wait for it (bounded); unknown names are ignored."""
+        record = self.records.pop(name, None)
+        if record is None or record.task is None:
+            return
+        record.task.cancel()
+        await asyncio.wait([record.task], timeout=timeout)
+        record.running = False
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Cancel every task and wait for them (bounded)."""
         self._stopping = True

@@ -158,9 +158,9 @@ class StatusCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
 
 
 class SwitchLayerCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
-    """`cmd/switch_layer`: make the named layer the active one."""
+    """`cmd/switch_layer`: pin the named layer; `"layer": null` unpins (back to automatic)."""
 
-    layer: Name
+    layer: Name | None
 
 
 class ProfileEnableCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):

@@ -1,0 +1,147 @@
+"""Usage glue: modem byte counters into the usage tracker, shares of pools to and from MQTT."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from agent.config import Config
+from agent.daemon.evidence import interface_of
+from agent.daemon.publish import StatePublisher
+from agent.daemon.session import ModemSession
+from agent.daemon.usage import UsageTracker
+from agent.errors import AgentError
+from agent.health.monitor import LayerMonitor
+from agent.mqtt.payloads import redact_value
+from agent.usage.store import QuotaAlert
+
+log = structlog.get_logger(__name__)
+
+Spawn = Callable[[str, Coroutine[Any, Any, Any]], None]
+
+
+class Metering:
+    """Owns the usage tracker of one state_dir; the daemon hands it counters and sibling
+    shares. Build it with `await Metering.open(...)`."""
+
+    def __init__(
+        self, cfg: Config, publisher: StatePublisher, spawn: Spawn, tracker: UsageTracker
+    ) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self._publisher = publisher
+        self._spawn = spawn
+        self.tracker = tracker
+
+    @classmethod
+    async def open(cls, cfg: Config, publisher: StatePublisher, spawn: Spawn) -> Metering:
+        """Open the usage file; never raises for a file that fails (usage is then counted in
+        memory and the failure published once as a `usage_store_failed` event)."""
+
+        def on_problem(detail: dict[str, Any]) -> None:
+            publisher.event("usage_store_failed", detail)
+
+        metering: Metering | None = None
+
+        def on_alert(alert: QuotaAlert) -> None:
+            if metering is not None:
+                metering._on_quota_alert(alert)
+
+        tracker = await UsageTracker.open(
+            Path(cfg.state_dir) / "usage.db",
+            on_alert,
+            thresholds=tuple(cfg.usage.alert_thresholds),
+            period_start_day=cfg.usage.period_start_day,
+            on_problem=on_problem,
+        )
+        metering = cls(cfg, publisher, spawn, tracker)
+        tracker.apply_config(cfg.usage)
+        return metering
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config on the same state_dir: new quotas, thresholds and pools."""
+        self.cfg = cfg
+        self.tracker.apply_config(cfg.usage)
+
+    async def close(self) -> None:
+        """Flush and close the usage file."""
+        await self.tracker.close()
+
+    async def sample(
+        self, session: ModemSession, monitors: Sequence[tuple[str, LayerMonitor]] = ()
+    ) -> None:
+        """Record a modem's traffic for the profile it runs (its network interface counts for
+        every vendor when it has one, the modem's own counters are then a cross-check), the
+        probes' bytes of its layers, and publish usage and pool shares."""
+        iccid = session.enabled_iccid or (session.info.sim.iccid if session.info else None)
+        reset, session.counters_reset = session.counters_reset, False
+        ifname = interface_of(session.cfg)
+        try:
+            if ifname is not None:
+                await self.tracker.sample_interface(
+                    session.id, iccid, ifname, modem_counters=session.counters
+                )
+            else:
+                await self.tracker.sample(session.id, iccid, session.counters, new_session=reset)
+        except AgentError as exc:
+            log.error("usage_sample_failed", modem=session.id, error=str(exc))
+            return
+        for layer, monitor in monitors:
+            tx, rx = monitor.take_probe_bytes()
+            with contextlib.suppress(AgentError, TimeoutError):
+                await self.tracker.record_probe_bytes(layer, iccid, tx, rx)
+        if iccid is not None and (ifname is not None or session.counters is not None):
+            name = redact_value(iccid) if self.cfg.mqtt.redact else iccid
+            self._publisher.state(f"usage/{name}", self.tracker.snapshot(iccid))
+            self.publish_pools(iccid)
+
+    async def before_switch(self, session: ModemSession) -> None:
+        """Count the bytes since the last poll: the switch restarts the modem's counters."""
+        try:
+            await session.fresh_counters()
+        except AgentError as exc:
+            log.info("usage_presample_failed", modem=session.id, error=str(exc))
+            return
+        await self.sample(session)
+
+    def publish_pools(self, iccid: str | None = None) -> None:
+        """Our share of each shared pool (that iccid belongs to), for the other devices."""
+        for pool in self.cfg.usage.pools:
+            if iccid is None or iccid in pool.members:
+                try:
+                    self._publisher.state(
+                        f"usage/pool/{pool.name}", self.tracker.pool_snapshot(pool.name)
+                    )
+                except (KeyError, ValueError) as exc:
+                    log.warning("usage_pool_publish_failed", pool=pool.name, error=str(exc))
+
+    def on_sibling_pool(self, topic: str, payload: bytes) -> None:
+        """Another device's retained share of a pool we are in."""
+        rest = topic.removeprefix(f"{self.cfg.mqtt.base_topic}/").split("/")
+        if len(rest) != 4 or rest[0] == self.cfg.device_id:
+            return
+        device, pool = rest[0], rest[3]
+        try:
+            data = msgspec.json.decode(payload, type=dict[str, Any]) if payload else {}
+            used = int(data["local_bytes"])
+            period = str(data["period"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            log.warning("usage_sibling_payload_invalid", device=device, pool=pool)
+            return
+        if period != self.tracker.current_period():
+            return  # last month's share says nothing about this month's quota
+        self._spawn(f"pool-{pool}-{device}", self._apply_sibling_usage(pool, device, used))
+
+    async def _apply_sibling_usage(self, pool: str, device: str, used: int) -> None:
+        await self.tracker.remote_usage(pool, device, used)
+        self.publish_pools()
+
+    def _on_quota_alert(self, alert: QuotaAlert) -> None:
+        data = msgspec.to_builtins(alert)
+        log.warning("quota_alert", **data)
+        self._publisher.event("quota_alert", data)
