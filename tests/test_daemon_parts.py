@@ -82,7 +82,7 @@ def test_a_changed_modem_restarts_it_and_the_layers_on_it_only(tmp_path: Path) -
 
 def test_a_changed_probe_restarts_that_monitor_only(tmp_path: Path) -> None:
     def probe(d: dict[str, Any]) -> None:
-        d["layers"][0]["probes"][0]["interval"] = 5.0
+        d["layers"][0]["probes"][0]["interval"] = 7.5
 
     diff = plan(config(tmp_path), config(tmp_path, tune=probe))
     assert (diff.modems_new, diff.layers_new) == (frozenset(), {"primary"})
