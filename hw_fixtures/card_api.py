@@ -23,6 +23,7 @@ class ProfileSpec:
     operator_name: str = "Emulated"
     mcc_mnc: str = "00101"
     broken: bool = False  # never registers once enabled: exercises rollback
+    notification_address: str | None = None  # SM-DP+ for its notifications (default the card's)
 
 
 @dataclass

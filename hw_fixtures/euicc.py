@@ -302,7 +302,8 @@ class EmulatedEuicc:
         return None
 
     def _notify(self, operation: str, profile: ProfileSpec) -> None:
-        self.notifications.append(Notification(self.next_seq, operation, profile.iccid))
+        address = profile.notification_address or SMDP_ADDRESS
+        self.notifications.append(Notification(self.next_seq, operation, profile.iccid, address))
         self.next_seq += 1
 
     def queue_install_notification(

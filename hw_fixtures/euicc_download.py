@@ -450,11 +450,21 @@ class DownloadEngine:
         klass = rc.child(fields, 0x95)
         profile_class = CLASS_NAMES.get(klass[0][-1] if klass and klass[0] else 2, "operational")
         slot = len(self.card.profiles)
+        # notificationConfigurationInfo (B6): where enable/disable/delete notifications go.
+        address = session.server_address
+        config = rc.child(fields, 0xB6)
+        if config is not None:
+            for _t, entry, _w in rc.parse(config[0]):
+                target = rc.child(rc.parse(entry), 0x81)
+                if target is not None:
+                    address = target[0].decode("utf-8", "replace")
+                    break
         return ProfileSpec(
             iccid=iccid,
             name=name,
             provider=provider,
             profile_class=profile_class,
+            notification_address=address,
             isdp_aid=f"A0000005591010FFFFFFFF89{0x1000 + 0x100 * slot + 0x10:08X}",
         )
 

@@ -196,3 +196,65 @@ def test_bad_activation_code_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert json.loads(result.stdout)["error"]["code"] == "usage"
+
+
+async def cli_notifications(
+    test_pki: TestPki, smdp: SmdpServer, port: str, tmp_path: Path, *which: str
+) -> tuple[int, dict[str, object]]:
+    assert test_pki.directory is not None
+    code = "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        "notification",
+        "process",
+        *which,
+        "--port",
+        port,
+        "--ci-cert",
+        str(test_pki.directory / "ci.pem"),
+        "--resolve",
+        f"{smdp.core.address}:127.0.0.1",
+        # The emulated card's own profiles notify smdp.example.test:443, where nothing answers.
+        "--resolve",
+        "smdp.example.test:443:127.0.0.1",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"XDG_RUNTIME_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    out, _err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(out or b"{}")
+
+
+async def test_notification_process_removes_only_what_was_accepted(
+    emu: EmulatorHandle, test_pki: TestPki, smdp: SmdpServer, tmp_path: Path
+) -> None:
+    status, _result, err = await cli_download(test_pki, smdp, emu.port, tmp_path)
+    assert status == 0, err
+    # Enable NEW (its notifications go to the test SM-DP+), which disables HOME (whose go to an
+    # SM-DP+ that does not answer); then delete HOME.
+    async with open_modem(emu.port) as modem:
+        lpa = Lpa(AtApduTransport(modem.channel, modem.port, state_dir=tmp_path))
+        async with lpa:
+            await lpa.enable_profile(NEW, refresh=False)
+            await lpa.delete_profile(HOME)
+    before = len(smdp.core.notifications)
+    status, result = await cli_notifications(test_pki, smdp, emu.port, tmp_path, "--all")
+    assert status == 1, "not everything could be delivered"
+    outcomes = {n["operation"]: n for n in result["notifications"]}  # type: ignore[attr-defined]
+    assert outcomes["enable"]["removed"] is True
+    assert outcomes["disable"]["removed"] is False
+    assert outcomes["delete"]["removed"] is False
+    assert outcomes["delete"]["error"]
+    assert len(smdp.core.notifications) == before + 1
+    _iccids, pending = await card_state(emu.port, tmp_path)
+    assert sorted(op or "" for op in pending) == ["delete", "disable"]
+    # One by sequence number: the delete stays until its SM-DP+ takes it.
+    seq = str(outcomes["delete"]["seq_number"])
+    status, result = await cli_notifications(test_pki, smdp, emu.port, tmp_path, seq)
+    assert status == 1
+    _iccids, pending = await card_state(emu.port, tmp_path)
+    assert "delete" in pending

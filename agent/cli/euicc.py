@@ -88,6 +88,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--confirmation-code", default=None, metavar="C", help="the operator's confirmation code"
     )
+    _es9_options(p)
+    p.add_argument(
+        "--bpp-apdu-timeout",
+        type=positive_seconds,
+        default=240.0,
+        metavar="S",
+        help="deadline of one APDU while the profile package loads (default 240)",
+    )
+    p.set_defaults(handler=_download, timeout=900.0)
+
+    notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
+    nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
+    _common(nsub.add_parser("list", help="queued notifications")).set_defaults(handler=_nlist)
+    p = _common(nsub.add_parser("process", help="send pending notifications to their SM-DP+"))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every pending notification")
+    which.add_argument("seq", type=int, nargs="?", help="one notification's sequence number")
+    _es9_options(p)
+    p.set_defaults(handler=_nprocess)
+    p = _common(nsub.add_parser("remove", help="remove a notification (after it was sent)"))
+    p.add_argument("seq", type=int, help="the notification's sequence number (from list)")
+    p.set_defaults(handler=_nremove)
+
+
+def _es9_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resolve",
         action="append",
@@ -103,21 +128,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="CI root certificate(s) the SM-DP+ TLS certificate must chain to, repeatable "
         "(required: no GSMA CI is bundled; default $ESIM_AGENT_CI_CERTS, colon-separated)",
     )
-    p.add_argument(
-        "--bpp-apdu-timeout",
-        type=positive_seconds,
-        default=240.0,
-        metavar="S",
-        help="deadline of one APDU while the profile package loads (default 240)",
-    )
-    p.set_defaults(handler=_download, timeout=900.0)
-
-    notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
-    nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
-    _common(nsub.add_parser("list", help="queued notifications")).set_defaults(handler=_nlist)
-    p = _common(nsub.add_parser("remove", help="remove a notification (after it was sent)"))
-    p.add_argument("seq", type=int, help="the notification's sequence number (from list)")
-    p.set_defaults(handler=_nremove)
 
 
 def _aid(text: str) -> str:
@@ -583,3 +593,60 @@ def _download(args: argparse.Namespace) -> int:
             print("the install notification is still pending: `esim-agent notification list`")
 
     return _run(args, action, render)
+
+
+def _nprocess(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.euicc.es9 import Es9Client, Resolve
+
+    try:
+        resolve = [Resolve.parse(r) for r in args.resolve]
+    except AgentError as exc:
+        error(str(exc), "usage")
+        return _EXIT_USAGE
+    certs = [Path(c) for c in _ci_certs(args)]
+    if not certs:
+        error(
+            "no CI root certificate: pass --ci-cert PEM (or set ESIM_AGENT_CI_CERTS); "
+            "no GSMA CI certificate is bundled",
+            "config",
+        )
+        return _EXIT_USAGE
+    seq = None if args.all else args.seq
+
+    async def action(lpa: Any, _modem: Any) -> Any:
+        from agent.euicc.notifications import process_notifications
+
+        return {
+            "notifications": await process_notifications(
+                lpa, lambda address: Es9Client(address, certs, resolve=resolve), seq
+            )
+        }
+
+    def render(result: Any) -> None:
+        rows = [
+            (
+                n.seq_number,
+                n.operation,
+                n.iccid,
+                n.address,
+                "removed" if n.removed else ("sent" if n.sent else "kept"),
+                n.error,
+            )
+            for n in result["notifications"]
+        ]
+        print_table(("seq", "operation", "iccid", "address", "result", "error"), rows)
+
+    try:
+        result = asyncio.run(_session(args, action))
+    except AgentError as exc:
+        return _fail(args, exc)
+    except TimeoutError:
+        error(f"{args.port}: no result within {args.timeout:g} s", "timeout")
+        return _EXIT_RUNTIME
+    if args.json:
+        print_json(result)
+    else:
+        render(result)
+    return 0 if all(n.removed for n in result["notifications"]) else _EXIT_RUNTIME
