@@ -4,10 +4,13 @@ over real HTTPS with the test PKI. Every failure leaves the card clean and both 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from agent.errors import ConfigError
 from agent.euicc.activation import parse_activation_code
 from agent.euicc.download import Downloader, DownloadError, DownloadResult, Phase
 from agent.euicc.es9 import Es9Client, Es9Error, Es9Refused, Resolve
@@ -281,3 +284,58 @@ async def test_clock_behind_the_certificate_is_named(
         )
         with pytest.raises(Es9Error, match="clock"):
             await es9.initiate_authentication(b"\x00" * 16, bytes.fromhex("BF2000"))
+
+
+def test_resolve_parse() -> None:
+    assert Resolve.parse("SMDP.example.com:443:198.18.0.2") == Resolve(
+        "smdp.example.com", 443, "198.18.0.2"
+    )
+    assert Resolve.parse("smdp.example.com:8443:[fd00::2]").address == "fd00::2"
+    for bad in ("smdp.example.com", "smdp.example.com:x:1.2.3.4", ":443:1.2.3.4", "h:0:1.2.3.4"):
+        with pytest.raises(ConfigError):
+            Resolve.parse(bad)
+
+
+def test_ci_certificates_are_required(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no CI root"):
+        Es9Client("smdp.example.com", [])
+    with pytest.raises(ConfigError, match="cannot load"):
+        Es9Client("smdp.example.com", [tmp_path / "missing.pem"])
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "not JSON"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "without a header status"),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "HTTP 404"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "bad Content-Length"),
+    ],
+)
+async def test_broken_servers_give_readable_errors(
+    test_pki: TestPki, reply: bytes, message: str
+) -> None:
+    assert test_pki.directory is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(
+        test_pki.directory / "dp_tls_chain.pem", test_pki.directory / "dp_tls.key.pem"
+    )
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        es9 = Es9Client(
+            f"{test_pki.smdp_host}:{port}",
+            [test_pki.directory / "ci.pem"],
+            resolve=[Resolve(test_pki.smdp_host, port, "127.0.0.1")],
+        )
+        with pytest.raises(Es9Error, match=message) as info:
+            await es9.initiate_authentication(bytes(16), bytes.fromhex("BF2000"))
+    assert test_pki.smdp_host in str(info.value)

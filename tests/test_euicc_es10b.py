@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import Es10Error
+from agent.errors import Es10Error, ParseError
 from agent.euicc import es10b, tlv
 from agent.euicc.es10b import CancelSessionReason
 from agent.euicc.tlv import TlvError
@@ -133,3 +134,42 @@ def test_bpp_out_of_order_is_refused() -> None:
         es10b.bpp_segments(bad)
     with pytest.raises(TlvError):
         es10b.bpp_segments(tlv.encode(0xBF36, tlv.encode(0xA0, b"")))
+
+
+# ---------------------------------------------------------------- hostile card answers
+
+
+_decoders = [
+    es10b.decode_euicc_challenge,
+    es10b.check_authenticate_server,
+    es10b.check_prepare_download,
+    es10b.check_cancel_session,
+    es10b.decode_profile_installation_result,
+    es10b.bpp_segments,
+    es10b.signed1_transaction_id,
+    es10b.smdp_signed2_fields,
+]
+
+
+def _noise() -> st.SearchStrategy[bytes]:
+    tags_ = st.sampled_from([0x80, 0x81, 0x02, 0x04, 0x30, 0x4F, 0x5A, 0xA0, 0xA1, 0xA2, 0xBF2F])
+    leaf = st.builds(tlv.encode, tags_, st.binary(max_size=20))
+    nested = st.recursive(
+        leaf,
+        lambda inner: st.builds(
+            lambda t, kids: tlv.encode(t, b"".join(kids)), tags_, st.lists(inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+    tops = st.sampled_from([0xBF2E, 0xBF38, 0xBF21, 0xBF41, 0xBF37, 0xBF27, 0xBF36, 0x30])
+    return st.builds(
+        lambda t, kids: tlv.encode(t, b"".join(kids)), tops, st.lists(nested, max_size=4)
+    ) | st.binary(max_size=64)
+
+
+@pytest.mark.fuzz
+@given(st.sampled_from(_decoders), _noise())
+def test_decoders_raise_only_typed_errors(decoder: object, data: bytes) -> None:
+    assert callable(decoder)
+    with contextlib.suppress(ParseError, Es10Error):
+        decoder(data)
