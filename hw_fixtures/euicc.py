@@ -505,6 +505,10 @@ class EmulatedEuicc:
                 out += n.raw
                 continue
             meta = self._metadata(n)
+            if self.download is not None:
+                # With a PKI the notification is signed as SGP.22 asks: an SM-DP+ can verify it.
+                out += _tlv(0x30, meta + self.download.sign_notification(meta))
+                continue
             signature = hashlib.sha256(self.eid.encode() + meta).digest() * 2
             out += _tlv(0x30, meta + _tlv(0x5F37, signature) + _tlv(0x30, b"") + _tlv(0x30, b""))
         return _tlv(0xBF2B, _tlv(0xA0, out))

@@ -141,6 +141,11 @@ class DownloadEngine:
         """Key ids for EUICCInfo1/2."""
         return list(self.keys.ci_certs)
 
+    def sign_notification(self, metadata: bytes) -> bytes:
+        """The rest of an OtherSignedNotification: 5F37 over the metadata, eUICC and EUM certs."""
+        signature = rc.tlv(0x5F37, rc.sign_raw(self.keys.euicc_key, metadata))
+        return signature + self.keys.euicc_cert + self.keys.eum_cert
+
     # -------------------------------------------------------------- dispatch
 
     def handles(self, request: bytes) -> bool:

@@ -386,9 +386,24 @@ class SmdpCore:
             if session is not None:
                 session.ended = True
         else:
-            record["kind"] = "other"
+            record.update(kind="other", verified=self._verify_other(top[1]))
         self.notifications.append(record)
         return 204, None
+
+    def _verify_other(self, body: bytes) -> bool:
+        """An OtherSignedNotification signed by an eUICC whose EUM chains to our CI."""
+        try:
+            parts = rc.parse(body)
+            meta, signature = parts[0][2], parts[1][1]
+            euicc_cert = x509.load_der_x509_certificate(parts[2][2])
+            eum_cert = x509.load_der_x509_certificate(parts[3][2])
+            return (
+                rc.issued_by(eum_cert, self.pki.ci.cert)
+                and rc.issued_by(euicc_cert, eum_cert)
+                and rc.verify_raw(rc.cert_public_key(euicc_cert), signature, meta)
+            )
+        except (ValueError, IndexError):
+            return False
 
     def _cancel_session(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         session = self._session(body)

@@ -250,6 +250,9 @@ async def test_notification_process_removes_only_what_was_accepted(
     assert outcomes["delete"]["removed"] is False
     assert outcomes["delete"]["error"]
     assert len(smdp.core.notifications) == before + 1
+    assert smdp.core.notifications[-1]["verified"] is True, (
+        "enable notification signed by the eUICC"
+    )
     _iccids, pending = await card_state(emu.port, tmp_path)
     assert sorted(op or "" for op in pending) == ["delete", "disable"]
     # One by sequence number: the delete stays until its SM-DP+ takes it.
