@@ -339,3 +339,45 @@ async def test_broken_servers_give_readable_errors(
         with pytest.raises(Es9Error, match=message) as info:
             await es9.initiate_authentication(bytes(16), bytes.fromhex("BF2000"))
     assert test_pki.smdp_host in str(info.value)
+
+
+def test_retry_schedule_backs_off_and_resets_on_a_new_link() -> None:
+    from agent.euicc.notifications import RetrySchedule
+
+    schedule = RetrySchedule(initial=10, maximum=40, rand=lambda: 1.0)
+    assert schedule.due(7, 0.0)
+    assert schedule.failed(7, 0.0) == 10
+    assert not schedule.due(7, 5.0)
+    assert schedule.failed(7, 10.0) == 30
+    assert schedule.failed(7, 30.0) == 70
+    assert schedule.failed(7, 70.0) == 110  # capped at 40 s
+    assert schedule.due(8, 0.0), "others are not held back"
+    schedule.link_up()
+    assert schedule.due(7, 71.0)
+    schedule.accepted(7)
+    assert schedule.failed(7, 0.0) == 10, "a new failure starts over"
+
+
+async def test_process_notifications_in_process(
+    card: EmulatedEuicc, test_pki: TestPki, smdp: SmdpServer
+) -> None:
+    from agent.euicc.notifications import RetrySchedule, process_notifications
+
+    await download(card, test_pki, smdp)
+    address = smdp.core.address
+    async with Lpa(CardTransport(card)) as lpa:
+        await lpa.enable_profile(NEW, refresh=False)
+        sinks = {address: client(test_pki, smdp, address=address)}
+        schedule = RetrySchedule(rand=lambda: 1.0)
+
+        def sink_for(target: str) -> Es9Client:
+            if target in sinks:
+                return sinks[target]
+            raise Es9Error(target, "unreachable")  # the card's own profiles' SM-DP+
+
+        first = await process_notifications(lpa, sink_for, schedule=schedule, now=0.0)
+        assert {(o.operation, o.removed) for o in first} == {("enable", True), ("disable", False)}
+        again = await process_notifications(lpa, sink_for, schedule=schedule, now=1.0)
+        assert again == [], "the failed one waits for its backoff"
+        pending = await lpa.list_notifications()
+    assert [n.profile_management_operation for n in pending] == ["disable"]

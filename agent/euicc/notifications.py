@@ -8,15 +8,54 @@ the only record that a profile was removed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 import msgspec
 import structlog
 
+from agent.backoff import backoff_delay
 from agent.errors import AgentError, ApduError, Es10Error, ParseError
 from agent.euicc.lpa import Lpa
 
 log = structlog.get_logger(__name__)
+
+RETRY_INITIAL_S: Final = 30.0
+RETRY_MAX_S: Final = 3600.0  # an SM-DP+ down for a day is still tried every hour
+
+
+@dataclass
+class RetrySchedule:
+    """Per-notification backoff, pure: the caller passes the clock. Keyed by sequence number, so
+    it survives nothing on its own — after a restart every notification is simply due again."""
+
+    initial: float = RETRY_INITIAL_S
+    maximum: float = RETRY_MAX_S
+    rand: Callable[[], float] | None = None
+    _failures: dict[int, int] = field(default_factory=dict)
+    _next: dict[int, float] = field(default_factory=dict)
+
+    def due(self, seq: int, now: float) -> bool:
+        """Whether seq may be tried at now."""
+        return self._next.get(seq, float("-inf")) <= now
+
+    def failed(self, seq: int, now: float) -> float:
+        """Record a failed attempt; returns when the next one is due."""
+        attempt = self._failures.get(seq, 0)
+        self._failures[seq] = attempt + 1
+        kwargs = {} if self.rand is None else {"rand": self.rand}
+        self._next[seq] = now + backoff_delay(attempt, self.initial, self.maximum, **kwargs)
+        return self._next[seq]
+
+    def accepted(self, seq: int) -> None:
+        """Forget seq: it left the card."""
+        self._failures.pop(seq, None)
+        self._next.pop(seq, None)
+
+    def link_up(self) -> None:
+        """A new good link: everything is due now (the SM-DP+ may have been unreachable only
+        because we were)."""
+        self._next.clear()
 
 
 class NotificationSink(Protocol):
@@ -40,13 +79,21 @@ class NotificationOutcome(msgspec.Struct, kw_only=True):
 
 
 async def process_notifications(
-    lpa: Lpa, sink_for: Callable[[str], NotificationSink], seq: int | None = None
+    lpa: Lpa,
+    sink_for: Callable[[str], NotificationSink],
+    seq: int | None = None,
+    *,
+    schedule: RetrySchedule | None = None,
+    now: float = 0.0,
 ) -> list[NotificationOutcome]:
-    """Send every pending notification (or only seq) to its address; remove the accepted ones."""
+    """Send every pending notification (or only seq) to its address; remove the accepted ones.
+    With a schedule, notifications not due at now are skipped and failures back off."""
     pending = await lpa.retrieve_notifications(seq)
     out: list[NotificationOutcome] = []
     for item in pending:
         meta = item.metadata
+        if schedule is not None and not schedule.due(meta.seq_number, now):
+            continue
         outcome = NotificationOutcome(
             seq_number=meta.seq_number,
             operation=meta.profile_management_operation,
@@ -64,8 +111,12 @@ async def process_notifications(
         except AgentError as exc:
             outcome.error = str(exc)
             log.info("notification_not_accepted", seq=meta.seq_number, error=str(exc))
+            if schedule is not None:
+                schedule.failed(meta.seq_number, now)
             continue
         outcome.sent = True
+        if schedule is not None:
+            schedule.accepted(meta.seq_number)
         try:
             await lpa.remove_notification(meta.seq_number)
         except (Es10Error, ApduError, ParseError) as exc:
