@@ -29,6 +29,13 @@ def decode(name: str, data: bytes) -> Any:
     return value
 
 
+def call(core: SmdpCore, function: str, body: dict[str, Any]) -> dict[str, Any]:
+    status, answer = core.handle(function, body)
+    assert status == 200
+    assert answer is not None
+    return answer
+
+
 def field(body: dict[str, Any], name: str) -> bytes:
     return base64.b64decode(body[name])
 
@@ -53,7 +60,8 @@ def test_a_whole_download_decodes_as_sgp22(
     challenge = decode("GetEuiccChallengeResponse", challenge_raw)["euiccChallenge"]
     assert decode("GetEuiccChallengeRequest", es10b.get_euicc_challenge_request()) == {}
     info1 = card._info1([])
-    _, init = core.handle(
+    init = call(
+        core,
         "initiateAuthentication",
         {
             "euiccChallenge": base64.b64encode(challenge).decode(),
@@ -89,7 +97,8 @@ def test_a_whole_download_decodes_as_sgp22(
     assert ok["euiccSigned1"]["ctxParams1"] == auth["ctxParams1"]
     assert len(ok["euiccSignature1"]) == 64, "r‖s, not DER"
 
-    _, client = core.handle(
+    client = call(
+        core,
         "authenticateClient",
         {
             "transactionId": init["transactionId"],
@@ -114,7 +123,8 @@ def test_a_whole_download_decodes_as_sgp22(
     assert ok2["euiccSigned2"]["hashCc"] == hash_cc
     assert len(ok2["euiccSigned2"]["euiccOtpk"]) == 65  # uncompressed P-256 point
 
-    _, bound = core.handle(
+    bound = call(
+        core,
         "getBoundProfilePackage",
         {
             "transactionId": init["transactionId"],
