@@ -28,6 +28,7 @@ from agent.euicc.es9 import Es9Client, Resolve  # noqa: E402
 from agent.euicc.lpa import Lpa  # noqa: E402
 from agent.euicc.transport import AtApduTransport  # noqa: E402
 from agent.modem.driver import open_modem  # noqa: E402
+from bench.stats import summary_s as summary  # noqa: E402
 from hw_fixtures import pki  # noqa: E402
 from hw_fixtures.smdp import Offer, SmdpCore, SmdpServer  # noqa: E402
 from hw_fixtures.testing import start_emulator  # noqa: E402
@@ -89,16 +90,6 @@ class TimedEs9(Es9Client):
             return await super().call(function, body)
         finally:
             self.wait_s += time.perf_counter() - t
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    """p50/min/max in milliseconds."""
-    ms = sorted(v * 1000 for v in values)
-    return {
-        "p50_ms": round(statistics.median(ms), 1),
-        "min_ms": round(ms[0], 1),
-        "max_ms": round(ms[-1], 1),
-    }
 
 
 async def scenario(
