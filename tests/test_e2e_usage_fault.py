@@ -39,6 +39,10 @@ def mount_tmpfs(path: Path, size: str) -> None:
     )
 
 
+def remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
 def umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False)
 
@@ -118,3 +122,64 @@ async def test_failover_and_failback_with_the_state_disk_full(
     log = stack.daemon_log.read_text(errors="replace")
     assert log.count('"usage_store_failed"') + log.count(" usage_store_failed ") == 1
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("medium", ["read-only", "full"])
+async def test_a_state_disk_that_refuses_writes_at_start_does_not_stop_failover(
+    tmp_path: Path, request: pytest.FixtureRequest, medium: str
+) -> None:
+    workdir = tmp_path / "stack"
+    # usage lives on the failing disk; the control socket stays in the stack's own folder
+    state = tmp_path / "usage-state"
+    state.mkdir(parents=True)
+    mount_tmpfs(state, "1m")
+    if medium == "read-only":
+        remount_read_only(state)
+    else:
+        fill(state)
+
+    def on_failing_disk(data: dict[str, Any]) -> None:
+        data["state_dir"] = str(state)
+
+    stack = DemoStack(workdir, broker="mosquitto", tune=on_failing_disk)
+    try:
+        await stack.start()
+        await stack.wait_json("state", lambda s: s.get("active_layer") == "primary", STEP_S)
+        mark = stack.mark()
+        await stack.control("link", modem="m0", state="down")
+        await stack.wait_transition(lambda d: d["to_layer"] == "failover", STEP_S, mark)
+        assert stack.daemon is not None
+        assert stack.daemon.poll() is None
+        log = stack.daemon_log.read_text(errors="replace")
+        # read-only is seen at start; a full disk only when the first usage write fails
+        assert ("state_dir_unusable" in log) == (medium == "read-only")
+        assert "Traceback" not in log
+    finally:
+        await stack.close()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            lines = stack.daemon_log.read_text(errors="replace").splitlines()
+            sys.stderr.write("\n".join(line for line in lines[-80:] if "debug" not in line))
+        umount(state)
+
+
+def test_check_still_reports_a_read_only_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    mount_tmpfs(state, "1m")
+    try:
+        remount_read_only(state)
+        config = tmp_path / "agent.toml"
+        config.write_text(f'device_id = "t"\nstate_dir = "{state}"\n')
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "run", "--check", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 73, done.stderr
+        assert "state_dir" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        umount(state)

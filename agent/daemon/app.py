@@ -36,6 +36,7 @@ from agent.daemon.preflight import (
     PreflightError,
     control_socket_problem,
     port_problem,
+    state_dir_media_failure,
     state_dir_problem,
 )
 from agent.daemon.publish import StatePublisher
@@ -196,7 +197,11 @@ class Daemon:
         cfg = self.cfg
         problem = state_dir_problem(cfg.state_dir, create=True)
         if problem is not None:
-            raise PreflightError(problem, EX_CANTCREAT)
+            media = state_dir_media_failure(cfg.state_dir)
+            if media is None:
+                raise PreflightError(problem, EX_CANTCREAT)
+            # A failing disk must not stop failover: usage is counted in memory meanwhile.
+            log.warning("state_dir_unusable", state_dir=cfg.state_dir, error=media)
         for m in cfg.modems:
             if m.port is not None and (problem := port_problem(m.port)) is not None:
                 raise PreflightError(problem, EX_NOPERM)

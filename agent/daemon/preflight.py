@@ -7,6 +7,7 @@ traceback halfway through.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -57,6 +58,32 @@ def state_dir_problem(state_dir: str, *, create: bool) -> str | None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return f"state_dir {state_dir} is not usable: {reason}"
+    return None
+
+
+#: Write failures of the medium itself, not of the config: a read-only or full filesystem.
+MEDIA_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def state_dir_media_failure(state_dir: str) -> str | None:
+    """Why an existing state_dir's medium refuses writes (read-only, full, I/O error), or None.
+
+    The daemon runs on through these: usage is bookkeeping and failover must never depend on
+    it (usage is kept in memory until the disk takes writes again). A state_dir that is
+    missing and cannot be created, or that the service user may not write, is a config
+    mistake instead, and `run` exits 73 for it.
+    """
+    path = Path(state_dir)
+    if not path.is_dir():
+        return None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-") as fh:
+            fh.write(b"\0")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.errno in MEDIA_ERRNOS:
+            return f"state_dir {state_dir} refuses writes: {exc.strerror or type(exc).__name__}"
     return None
 
 
