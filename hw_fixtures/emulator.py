@@ -493,9 +493,9 @@ def build_parser(prog: str = "hw_fixtures.emulator") -> argparse.ArgumentParser:
     ap.add_argument(
         "--net",
         choices=("loopback", "netns"),
-        default="loopback",
+        default=None,
         help="data path: loopback endpoints, or (root) a veth pair per modem into an "
-        "operator network namespace",
+        "operator network namespace; default netns as root, loopback otherwise",
     )
     ap.add_argument(
         "--agent-netns",
@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None, prog: str = "hw_fixtures.emulator") -> i
     placements: list[NetPlacement] | None = None
     try:
         configs = configs_from_args(args)
+        if args.net is None:
+            # As the issue has it: real interfaces where we may make them, loopback elsewhere.
+            args.net = "netns" if os.geteuid() == 0 else "loopback"
         if args.net == "netns":
             if os.geteuid() != 0:
                 raise ConfigError(

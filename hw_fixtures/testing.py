@@ -80,7 +80,12 @@ class EmulatorHandle:
 
 
 def start_emulator(*args: str, timeout: float = START_TIMEOUT) -> EmulatorHandle:
-    """Start `python -m hw_fixtures.emulator *args` and wait for its JSON ready line."""
+    """Start `python -m hw_fixtures.emulator *args` and wait for its JSON ready line.
+
+    Loopback endpoints unless the args say `--net`: tests, the demo and the benches run as
+    root, where the emulator's own default would be real interfaces."""
+    if not any(a == "--net" or a.startswith("--net=") for a in args):
+        args = ("--net", "loopback", *args)
     fd, log_path = tempfile.mkstemp(prefix="esim-emu-", suffix=".log")
     # stderr to a file: a pipe nobody drains would stall the emulator once it fills
     with os.fdopen(fd, "wb") as log_file:

@@ -173,7 +173,15 @@ def test_generic_and_dell_need_no_vendor_connect(emu_factory: Factory) -> None:
 def test_netns_options_need_netns_mode() -> None:
     # a subprocess: main() configures logging for the whole process it runs in
     done = subprocess.run(
-        [sys.executable, "-m", "hw_fixtures.emulator", "--agent-netns", "esa-x"],
+        [
+            sys.executable,
+            "-m",
+            "hw_fixtures.emulator",
+            "--net",
+            "loopback",
+            "--agent-netns",
+            "esa-x",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
