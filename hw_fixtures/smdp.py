@@ -143,6 +143,7 @@ class SmdpCore:
     notifications: list[dict[str, Any]] = field(default_factory=list)
     cancelled: list[tuple[str, int]] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    device_tacs: list[str] = field(default_factory=list)  # deviceInfo.tac of each client, hex
     called: dict[str, asyncio.Event] = field(default_factory=dict)  # set once a function ran
 
     def offer(self, offer: Offer) -> Offer:
@@ -251,6 +252,9 @@ class SmdpCore:
             raise Es9Failure("8.1", "6.1", "server challenge mismatch")
         ctx = rc.child(fields, 0xA0)
         common = rc.parse(ctx[0]) if ctx else []  # A0 holds the SEQUENCE content (implicit)
+        device = rc.child(common, 0xA1)
+        tac = rc.child(rc.parse(device[0]), 0x80) if device else None
+        self.device_tacs.append(tac[0].hex() if tac else "")
         matching = rc.child(common, 0x80)
         matching_id = matching[0].decode("utf-8", "replace") if matching else ""
         offer = self.offers.get(matching_id)

@@ -110,6 +110,8 @@ async def test_download_on_every_personality(
     vendor: str, test_pki: TestPki, smdp: SmdpServer, tmp_path: Path
 ) -> None:
     with emulator(test_pki, vendor) as emu:
+        async with open_modem(emu.port) as modem:
+            imei = (await modem.identity()).imei
         status, result, err = await cli_download(test_pki, smdp, emu.port, tmp_path)
         assert status == 0, err
         assert result["iccid"] == NEW
@@ -119,6 +121,7 @@ async def test_download_on_every_personality(
     assert iccids == [HOME, NEW]
     assert pending == []
     assert smdp.core.offers["TRIP-1"].state == "installed"
+    assert smdp.core.device_tacs == [str(imei)[:8]], "deviceInfo carries the modem's TAC"
 
 
 async def test_download_of_100_kb(

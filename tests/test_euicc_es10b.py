@@ -173,3 +173,12 @@ def test_decoders_raise_only_typed_errors(decoder: object, data: bytes) -> None:
     assert callable(decoder)
     with contextlib.suppress(ParseError, Es10Error):
         decoder(data)
+
+
+def test_tac_from_imei() -> None:
+    from agent.euicc.download import tac_from_imei
+
+    assert tac_from_imei("867698040000005") == bytes.fromhex("86769804")
+    assert tac_from_imei(None) is None
+    assert tac_from_imei("12AB5678901") is None
+    assert tac_from_imei("1234") is None

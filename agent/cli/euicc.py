@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -573,15 +574,20 @@ def _download(args: argparse.Namespace) -> int:
         error(str(exc), "config")
         return _EXIT_USAGE
 
-    async def action(lpa: Any, _modem: Any) -> Any:
-        from agent.euicc.download import Downloader
+    async def action(lpa: Any, modem: Any) -> Any:
+        from agent.euicc.download import DEFAULT_TAC, Downloader, tac_from_imei
 
+        tac = DEFAULT_TAC
+        with contextlib.suppress(AgentError):
+            # DeviceInfo names the device by its TAC (the IMEI's first 8 digits).
+            tac = tac_from_imei((await modem.identity()).imei) or DEFAULT_TAC
         with _DownloadView() as view:
             return await Downloader(
                 lpa,
                 es9,
                 code,
                 confirmation_code=args.confirmation_code,
+                tac=tac,
                 progress=view.update,
                 bpp_apdu_timeout=args.bpp_apdu_timeout,
             ).run()

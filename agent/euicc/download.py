@@ -36,6 +36,13 @@ CANCEL_TIMEOUT_S: Final = 60.0
 DEFAULT_TAC: Final = bytes.fromhex("35290611")  # TAC sent in DeviceInfo when the modem's is unknown
 
 
+def tac_from_imei(imei: str | None) -> bytes | None:
+    """DeviceInfo's tac: the IMEI's 8-digit Type Allocation Code as 4 BCD bytes, or None."""
+    if imei is None or len(imei) < 8 or not imei[:8].isdigit():
+        return None
+    return bytes.fromhex(imei[:8])
+
+
 class Phase(StrEnum):
     """Download phases, as progress reports and errors name them."""
 
