@@ -97,7 +97,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="deadline of one APDU while the profile package loads (default 240)",
     )
-    p.set_defaults(handler=_download, timeout=900.0)
+    for action in p._actions:
+        if action.dest == "timeout":  # a download takes minutes over a slow modem
+            action.default = 900.0
+            action.help = "overall deadline in seconds (default 900)"
+    p.set_defaults(handler=_download)
 
     notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
     nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
