@@ -58,8 +58,11 @@ def ip_bytes(lab: Lab) -> tuple[int, int]:
     )
 
 
-async def measure(lab: Lab, probe: Probe) -> tuple[float, float]:
-    """Mean (sent, received) IP bytes of one successful run, after a warm-up run (ARP)."""
+async def measure(lab: Lab, probe: Probe, expected: int) -> tuple[float, float]:
+    """Mean (sent, received) IP bytes of one successful run, after a warm-up run (ARP).
+
+    The counters are read once they hold at least the expected bytes (the last FIN/ACK of a
+    closed connection may still be on its way), or after a bounded wait."""
     with in_netns(lab.agent):
         warm = await probe.run()
     assert warm.ok, warm.error
@@ -68,8 +71,12 @@ async def measure(lab: Lab, probe: Probe) -> tuple[float, float]:
         with in_netns(lab.agent):
             result = await probe.run()
         assert result.ok, result.error
-    await asyncio.sleep(0.2)  # the last FIN/ACK of a closed connection
-    tx1, rx1 = await asyncio.to_thread(ip_bytes, lab)
+    async with asyncio.timeout(10):
+        while True:
+            tx1, rx1 = await asyncio.to_thread(ip_bytes, lab)
+            if (tx1 - tx0) + (rx1 - rx0) >= expected * ROUNDS:
+                break
+            await asyncio.sleep(0.05)
     return (tx1 - tx0) / ROUNDS, (rx1 - rx0) / ROUNDS
 
 
@@ -84,16 +91,21 @@ async def measure(lab: Lab, probe: Probe) -> tuple[float, float]:
 )
 async def test_estimate_matches_the_wire(lab: Lab, kind: str, target: str) -> None:
     probe = probe_from_spec(kind, target, 2.0)
-    async with operator_servers(lab):
-        sent, received = await measure(lab, probe)
     est_sent, est_received = exchange_bytes(probe)
+    async with operator_servers(lab):
+        # the least the wire may carry: the estimate, or for HTTP the estimate less the
+        # real server's headers the lab does not send
+        floor = est_sent + est_received
+        sent, received = await measure(lab, probe, floor if kind != "http" else int(floor / 1.15))
     print(f"{kind}: wire {sent:.0f}/{received:.0f} B, estimate {est_sent}/{est_received} B")
     if kind in ("icmp", "dns"):
         assert (sent, received) == (est_sent, est_received)
     elif kind == "tcp":
         # Same six segments; which side carries the extra ACK depends on who closes first
-        # (the lab's server closes at once, a real one waits for our FIN).
-        assert sent + received == est_sent + est_received
+        # (the lab's server closes at once, a real one waits for our FIN). A loaded machine
+        # may retransmit a segment now and then: never fewer bytes, rarely a few more.
+        real, est = sent + received, est_sent + est_received
+        assert est <= real <= est * 1.1
     else:
         # The estimate books a real server's ~160 B of 204 headers; the lab answers with 45 B.
         real, est = sent + received, est_sent + est_received
