@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli import emulator as emulator_cli
     from agent.cli import euicc as euicc_cli
     from agent.cli import modem as modem_cli
+    from agent.cli import watch as watch_cli
     from agent.cli.args import LOG_LEVELS, CliParser, add_log_level_everywhere
 
     parser: argparse.ArgumentParser = CliParser(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon_cli.register(sub)
     check_cli.register(sub)
     emulator_cli.register(sub)
+    watch_cli.register(sub)
     add_log_level_everywhere(parser)
     return parser
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
 from agent.config import Config, read_secret
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.mqtt.bridge import MqttSettings
 
 
@@ -43,29 +44,34 @@ def settings_from_config(cfg: Config, config_path: str | None) -> MqttSettings:
     )
 
 
-async def check_broker(settings: MqttSettings, timeout: float) -> None:
-    """Connect and disconnect once; BrokerUnreachable with the reason otherwise.
+def observer_client(settings: MqttSettings, role: str, timeout: float) -> aiomqtt.Client:
+    """A client with the daemon's credentials and TLS but a fresh id `esim-agent-<role>-<hex>`.
 
-    The client id is a fresh one, never the daemon's: taking over its session would cut a
-    running daemon off the broker.
+    Never the daemon's own id: taking over its session would cut a running daemon off the broker.
     """
     tls = None
     if settings.tls or settings.tls_ca or settings.tls_cert or settings.tls_insecure:
         tls = aiomqtt.TLSParameters(
             ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key
         )
-    client = aiomqtt.Client(
+    return aiomqtt.Client(
         settings.host,
         settings.port,
         username=settings.username,
         password=settings.password,
-        identifier=f"esim-agent-check-{secrets.token_hex(4)}",
+        identifier=f"esim-agent-{role}-{secrets.token_hex(4)}",
         protocol=aiomqtt.ProtocolVersion.V5,
         clean_start=True,
         timeout=timeout,
+        keepalive=settings.keepalive,
         tls_params=tls,
         tls_insecure=settings.tls_insecure if tls is not None else None,
     )
+
+
+async def check_broker(settings: MqttSettings, timeout: float) -> None:
+    """Connect and disconnect once; BrokerUnreachable with the reason otherwise."""
+    client = observer_client(settings, "check", timeout)
     where = f"{settings.host}:{settings.port}"
     try:
         async with client:
@@ -76,3 +82,26 @@ async def check_broker(settings: MqttSettings, timeout: float) -> None:
         raise BrokerUnreachable(f"{where}: {exc}") from None
     except OSError as exc:  # TLS files missing or unreadable
         raise BrokerUnreachable(f"{where}: {exc.strerror or exc}") from None
+
+
+def settings_from_url(url: str, *, base_topic: str, tls_ca: str | None = None) -> MqttSettings:
+    """MqttSettings from `mqtt://[user[:pass]@]host[:port]` or `mqtts://…` (TLS, system CAs
+    unless `tls_ca`); ConfigError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError("--broker", None, f"{url!r} is not mqtt://host[:port] or mqtts://…")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError("--broker", None, f"bad port in {url!r}") from None
+    return MqttSettings(
+        host=parts.hostname,
+        port=port,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=tls,
+        tls_ca=tls_ca,
+        base_topic=base_topic,
+        discovery_prefix=None,
+    )
