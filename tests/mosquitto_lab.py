@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from agent.demo.mosquitto import MosquittoBroker
@@ -44,3 +45,42 @@ def password_file(path: Path, users: dict[str, str]) -> Path:
         )
     path.chmod(0o600)
     return path
+
+
+# A client that connects with a Last Will and then dies without DISCONNECT (SIGKILL).
+_WILL_CLIENT = """
+import asyncio, sys, aiomqtt
+async def main():
+    host, port, client_id, topic, user, password = sys.argv[1:7]
+    will = aiomqtt.Will(topic, b"offline", qos=1, retain=True)
+    async with aiomqtt.Client(host, int(port), username=user or None, password=password or None,
+                              will=will, identifier=client_id,
+                              protocol=aiomqtt.ProtocolVersion.V5):
+        print("connected", flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def die_with_will(
+    broker: MosquittoBroker,
+    client_id: str,
+    topic: str,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    timeout: float = 10.0,
+) -> None:
+    """Connect a separate process with a Will `offline` (retained) on `topic`, then SIGKILL it."""
+    argv = [broker.host, str(broker.port), client_id, topic, user or "", password or ""]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WILL_CLIENT, *argv], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "connected":
+            raise AssertionError(f"will client did not connect: {line!r}")
+    finally:
+        proc.kill()
+        proc.wait(timeout)

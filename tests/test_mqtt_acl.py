@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,31 +20,18 @@ import pytest
 from agent.mqtt.bridge import MqttBridge, MqttSettings
 from agent.mqtt.payloads import DeviceState
 from tests.mosquitto import Watcher
-from tests.mosquitto_lab import ConfiguredMosquitto, password_file
+from tests.mosquitto_lab import ConfiguredMosquitto, die_with_will, password_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ACL = ROOT / "config" / "mosquitto" / "acl"
 USERS = {"phone": "pw-phone", "watch": "pw-watch", "viewer": "pw-viewer", "home": "pw-home"}
 BASE = "esim-agent"
 WAIT_S = 10.0
+WILL_ID = "esim-agent-watch-will"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed"
 )
-
-# A device that connects with a Last Will and then dies without DISCONNECT (SIGKILL).
-WILL_CLIENT = """
-import asyncio, sys, aiomqtt
-async def main():
-    host, port, user, password, topic = sys.argv[1:6]
-    will = aiomqtt.Will(topic, b"offline", qos=1, retain=True)
-    async with aiomqtt.Client(host, int(port), username=user, password=password, will=will,
-                              identifier=f"esim-agent-{user}-will",
-                              protocol=aiomqtt.ProtocolVersion.V5):
-        print("connected", flush=True)
-        await asyncio.Event().wait()
-asyncio.run(main())
-"""
 
 
 @pytest.fixture
@@ -114,23 +99,11 @@ async def test_a_forged_last_will_never_fires_but_a_devices_own_will_does(
         await phone.publish(f"{BASE}/phone/availability", b"online", qos=1, retain=True)
     await viewer.wait_for(f"{BASE}/phone/availability", lambda p: p == b"online")
 
-    def die_with_will(user: str, topic: str) -> None:
-        argv = [broker.host, str(broker.port), user, USERS[user], topic]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WILL_CLIENT, *argv],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "connected"
-        finally:
-            proc.kill()
-            proc.wait(WAIT_S)
-
     # The watch's Will names the phone's availability: the broker checks it at publish time.
-    die_with_will("watch", f"{BASE}/phone/availability")
-    wait_log(broker, "Client esim-agent-watch-will closed its connection")
+    die_with_will(
+        broker, WILL_ID, f"{BASE}/phone/availability", user="watch", password=USERS["watch"]
+    )
+    wait_log(broker, f"Client {WILL_ID} closed its connection")
     # The Will is sent as the connection is torn down, before anything the broker handles
     # later; a sentinel from the phone afterwards bounds the wait.
     async with client(broker, "phone") as phone:
@@ -139,7 +112,9 @@ async def test_a_forged_last_will_never_fires_but_a_devices_own_will_does(
     assert not seen(viewer, f"{BASE}/phone/availability", b"offline")
 
     # The same death with the watch's own Will is seen by everyone.
-    die_with_will("watch", f"{BASE}/watch/availability")
+    die_with_will(
+        broker, WILL_ID, f"{BASE}/watch/availability", user="watch", password=USERS["watch"]
+    )
     await viewer.wait_for(f"{BASE}/watch/availability", lambda p: p == b"offline")
 
 
