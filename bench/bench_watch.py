@@ -8,7 +8,7 @@ share: 7 messages, QoS 1) concurrently. `t_last` is when the last PUBACK came ba
 run, three observers start at `t_last`, one after the other:
 
 - `watch_cli`: `esim-agent watch --json` as a child process (interpreter start, imports,
-  connect, retained burst, the 0.5 s quiet period, JSON on stdout): what a user or a script gets;
+  connect, retained burst, the 0.3 s default quiet period, JSON on stdout): what a user or a script gets;
 - `watch_inproc`: the same snapshot() in this process (no interpreter start);
 - `baseline_raw`: a bare aiomqtt subscriber on `<base>/+/state` that stops at the N-th
   retained state with this run's marker (knows N, so needs no quiet period).
@@ -38,6 +38,7 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.cli.watch import DEFAULT_QUIET_S  # noqa: E402
 from agent.mqtt.bridge import MqttSettings  # noqa: E402
 from agent.watch.fleet import Fleet  # noqa: E402
 from agent.watch.session import snapshot  # noqa: E402
@@ -47,7 +48,7 @@ from tests.watch_fleet import BASE, device_tree  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "watch.json"
 GOAL_S = 2.0
-QUIET_S = 0.5
+QUIET_S = DEFAULT_QUIET_S
 WAIT_S = 60.0
 CONNECT_CONCURRENCY = 50
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 EXIT_RUNTIME = 1
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_BASE = "esim-agent"
+#: The broker sends retained messages back to back after SUBACK; this long a gap ends them.
+DEFAULT_QUIET_S = 0.3
 #: Shortest time between two redraws: a burst of retained messages paints once, not 1,000 times.
 MIN_FRAME_S = 0.1
 
@@ -50,9 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--quiet-period",
         type=positive_seconds,
-        default=0.5,
+        default=DEFAULT_QUIET_S,
         metavar="SECONDS",
-        help="--json: snapshot once no message arrived for this long (default 0.5)",
+        help=f"--json: snapshot once no message arrived for this long (default {DEFAULT_QUIET_S})",
     )
     p.add_argument(
         "--timeout",

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
 from agent.config import Config, read_secret
 from agent.errors import AgentError, ConfigError
@@ -44,7 +45,12 @@ def settings_from_config(cfg: Config, config_path: str | None) -> MqttSettings:
     )
 
 
-def observer_client(settings: MqttSettings, role: str, timeout: float) -> aiomqtt.Client:
+def observer_client(
+    settings: MqttSettings,
+    role: str,
+    timeout: float,
+    protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
+) -> aiomqtt.Client:
     """A client with the daemon's credentials and TLS but a fresh id `esim-agent-<role>-<hex>`.
 
     Never the daemon's own id: taking over its session would cut a running daemon off the broker.
@@ -60,8 +66,10 @@ def observer_client(settings: MqttSettings, role: str, timeout: float) -> aiomqt
         username=settings.username,
         password=settings.password,
         identifier=f"esim-agent-{role}-{secrets.token_hex(4)}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=True,
+        protocol=protocol,
+        # clean_session is 3.1.1's flag (paho refuses it on v5); clean_start is 5's.
+        clean_start=True if protocol == aiomqtt.ProtocolVersion.V5 else MQTT_CLEAN_START_FIRST_ONLY,
+        clean_session=None if protocol == aiomqtt.ProtocolVersion.V5 else True,
         timeout=timeout,
         keepalive=settings.keepalive,
         tls_params=tls,
