@@ -10,8 +10,9 @@ run, three observers start at `t_last`, one after the other:
 - `watch_cli`: `esim-agent watch --json` as a child process (interpreter start, imports,
   connect, retained burst, the 0.3 s default quiet period, JSON on stdout): what a user or a script gets;
 - `watch_inproc`: the same snapshot() in this process (no interpreter start);
-- `baseline_raw`: a bare aiomqtt subscriber on `<base>/+/state` that stops at the N-th
-  retained state with this run's marker (knows N, so needs no quiet period).
+- `baseline_raw`: a bare aiomqtt subscriber on `<base>/#` (QoS 0, MQTT 3.1.1 like watch)
+  that stops once it holds all 7N retained topics and N states with this run's marker (it
+  knows N, so it needs no quiet period and folds nothing).
 
 A run counts only when the snapshot holds all N devices with this run's `updated_at` marker.
 Scenarios: `one_broker` (siblings and observers on one Mosquitto) and `bridged` (siblings on a
@@ -144,15 +145,28 @@ async def watch_inproc(broker: MosquittoBroker, n: int, marker: str, t_last: flo
 
 
 async def baseline_raw(broker: MosquittoBroker, n: int, marker: str, t_last: float) -> float:
-    seen: set[str] = set()
-    async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
-        await c.subscribe(f"{BASE}/+/state", qos=1, timeout=WAIT_S)
+    """A bare aiomqtt client, same transport choices as watch (QoS 0, MQTT 3.1.1), counting
+    the same retained messages: every device's whole tree, the states with this run's marker."""
+    per_device = len(device_tree("x"))
+    topics: set[str] = set()
+    fresh: set[str] = set()
+    async with aiomqtt.Client(
+        broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V311
+    ) as client:
+        await client.subscribe(f"{BASE}/#", qos=0, timeout=WAIT_S)
         async with asyncio.timeout(WAIT_S):
-            async for message in c.messages:
-                if isinstance(message.payload, bytes) and marker.encode() in message.payload:
-                    seen.add(message.topic.value)
-                    if len(seen) == n:
-                        break
+            async for message in client.messages:
+                topic = message.topic.value
+                topics.add(topic)
+                payload = message.payload
+                if (
+                    isinstance(payload, bytes)
+                    and topic.endswith("/state")
+                    and marker.encode() in payload
+                ):
+                    fresh.add(topic)
+                if len(fresh) == n and len(topics) >= n * per_device:
+                    break
     return time.perf_counter() - t_last
 
 
