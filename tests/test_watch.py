@@ -282,3 +282,14 @@ def test_live_view_in_a_real_terminal_shows_every_device_and_quits_on_ctrl_c(
     # The alternate screen is gone: the shell's screen is back, without the table.
     after = tmux("capture-pane", "-p", "-t", "w")
     assert "layer / profile" not in after
+
+
+def test_fleet_ignores_devices_beyond_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.watch.fleet.MAX_DEVICES", 2)
+    fleet = Fleet(BASE)
+    for name in ("a", "b", "c"):
+        fleet.ingest(f"{BASE}/{name}/availability", b"online")
+    assert sorted(fleet.devices) == ["a", "b"]
+    assert fleet.rejected == 1
+    # Known devices still update.
+    assert fleet.ingest(f"{BASE}/a/availability", b"offline")

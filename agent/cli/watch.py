@@ -150,10 +150,12 @@ async def _live(settings: MqttSettings, fleet: Fleet, broker: str) -> None:
         try:
             while not stop.is_set():
                 woken = asyncio.create_task(changed.wait())
-                await asyncio.wait({woken, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({woken, stopped, follower}, return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
                 if stop.is_set():
                     break
+                if follower.done():
+                    follower.result()  # a bug, not the broker: end the view and report it
                 changed.clear()
                 live.update(frame(), refresh=True)
                 with contextlib.suppress(TimeoutError):

@@ -25,6 +25,9 @@ MAX_BARS = 4
 _RSSI_STEPS = (-105, -95, -85, -75)
 _RSRP_STEPS = (-120, -110, -100, -90)
 MAX_LOGGED_REJECTS = 1000
+#: Device ids beyond this many are ignored: anyone who may publish under the base topic could
+#: otherwise grow the view (and our memory) without bound.
+MAX_DEVICES = 10_000
 
 
 class UsageShare(msgspec.Struct, kw_only=True):
@@ -257,6 +260,8 @@ class Fleet:
     def _device(self, device_id: str) -> DeviceView:
         view = self.devices.get(device_id)
         if view is None:
+            if len(self.devices) >= MAX_DEVICES:
+                raise ValueError(f"more than {MAX_DEVICES} devices")
             view = self.devices[device_id] = DeviceView(device_id)
         return view
 
