@@ -43,6 +43,7 @@ from agent.cli.watch import DEFAULT_QUIET_S  # noqa: E402
 from agent.mqtt.bridge import MqttSettings  # noqa: E402
 from agent.watch.fleet import Fleet  # noqa: E402
 from agent.watch.session import snapshot  # noqa: E402
+from bench.stats import summary_s  # noqa: E402
 from tests.mosquitto import MosquittoBroker  # noqa: E402
 from tests.mosquitto_lab import ConfiguredMosquitto  # noqa: E402
 from tests.watch_fleet import BASE, device_tree  # noqa: E402
@@ -171,14 +172,10 @@ async def baseline_raw(broker: MosquittoBroker, n: int, marker: str, t_last: flo
 
 
 def _stats(samples: list[float]) -> dict[str, Any]:
-    ms = sorted(s * 1000 for s in samples)
-    return {
-        "runs": len(ms),
-        "p50_ms": round(statistics.median(ms), 1),
-        "max_ms": round(ms[-1], 1),
-        "min_ms": round(ms[0], 1),
-        "within_goal": all(s <= GOAL_S for s in samples),
-    }
+    out: dict[str, Any] = dict(summary_s(samples, 1))
+    out["within_goal_every_run"] = all(s <= GOAL_S for s in samples)
+    out["samples_ms"] = [round(s * 1000, 1) for s in samples]
+    return out
 
 
 async def scenario(

@@ -68,12 +68,15 @@ async def snapshot(settings: MqttSettings, fleet: Fleet, *, quiet: float, timeou
             try:
                 while True:
                     now = loop.time()
-                    if now - last[0] >= quiet:
+                    # A starved process wakes with its timer and unread messages together:
+                    # only an empty queue after the quiet period means the burst is over.
+                    if now - last[0] >= quiet and not len(client.messages):
                         return True
                     if now >= deadline:
                         return False
                     # Wake when the quiet period would end if nothing else arrives.
-                    await asyncio.wait({consumer}, timeout=min(last[0] + quiet, deadline) - now)
+                    wait_s = max(0.0, min(last[0] + quiet, deadline) - now)
+                    await asyncio.wait({consumer}, timeout=wait_s)
                     if consumer.done():
                         consumer.result()  # the broker went away: raise its error
             finally:
