@@ -68,7 +68,7 @@ def error(message: str, code: str = "runtime") -> None:
     """Report an error: one line on stderr, or with --json `{"error": {"code", "message"}}` on stdout.
 
     Codes are stable: usage, runtime, config, port, port_busy, not_a_modem, timeout, daemon,
-    no_daemon, internal.
+    no_daemon, broker, internal.
     """
     if _json_errors:
         print_json({"error": {"code": code, "message": message}})
