@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -201,16 +200,17 @@ def test_signal_bars(rssi: int | None, rsrp: float | None, bars: int | None) -> 
 
 
 class Tmux:
-    """One detached tmux server of our own (private socket), so nothing touches the user's."""
+    """One detached tmux server of our own (socket in the test's temp dir), so nothing touches
+    the user's and nothing is left behind."""
 
-    def __init__(self) -> None:
-        self.socket = f"esa-watch-{secrets.token_hex(4)}"
+    def __init__(self, socket: Path) -> None:
+        self.socket = str(socket)
 
     def __call__(self, *args: str) -> str:
         # The pane's own size must decide the layout, not a COLUMNS inherited from the runner.
         env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
         out = subprocess.run(
-            ["tmux", "-L", self.socket, *args],
+            ["tmux", "-S", self.socket, *args],
             capture_output=True,
             text=True,
             timeout=10,
@@ -232,10 +232,10 @@ class Tmux:
 
 
 @pytest.fixture
-def tmux() -> Iterator[Tmux]:
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
-    t = Tmux()
+    t = Tmux(tmp_path / "tmux.sock")
     yield t
     t("kill-server")
 
