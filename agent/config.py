@@ -69,11 +69,13 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class UsbMatch(_Section):
-    """Find a modem by USB vendor/product id (hex) and optionally its serial number."""
+    """Find a modem by USB vendor/product id (hex), optionally its serial number and interface."""
 
     vendor: str
     product: str
     serial: str | None = None
+    #: bInterfaceNumber of the AT port ("02"); without it the port is chosen by its role.
+    interface: str | None = None
 
 
 class ModemConfig(_Section):
@@ -91,6 +93,8 @@ class ModemConfig(_Section):
     #: The modem's network interface: "auto" (found from udev), "none" (probes use the host's
     #: default route, as with the loopback emulator), or a name such as "wwan0".
     interface: str = "auto"
+    #: ModemManager keeps the modem; the agent inhibits it over D-Bus around eUICC work.
+    share_with_modemmanager: bool = False
 
 
 class ProbeConfig(_Section):
@@ -231,6 +235,14 @@ class ControlConfig(_Section):
     socket: str | None = None
 
 
+class DiscoveryConfig(_Section):
+    """Where the agent learns which devices exist: udev, or the emulator's fake udev feed."""
+
+    source: Literal["udev", "emulator", "none"] = "udev"
+    #: The emulator's control socket, for source = "emulator".
+    emulator_control: str | None = None
+
+
 class Config(_Section):
     """The whole agent configuration."""
 
@@ -246,6 +258,7 @@ class Config(_Section):
     hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
 
     @property
     def control_socket(self) -> str:
@@ -367,6 +380,12 @@ def _validate(cfg: Config, base_dir: Path) -> None:
                     f"{key}.usb.{f}",
                     "must be a 4-digit hex USB id such as '2c7c'",
                 )
+            if m.usb.interface is not None:
+                _check(
+                    bool(re.fullmatch(r"(0x)?[0-9A-Fa-f]{1,2}", m.usb.interface)),
+                    f"{key}.usb.interface",
+                    "must be a USB interface number such as '02'",
+                )
         if m.imei is not None:
             _check(bool(re.fullmatch(r"[0-9]{14,16}", m.imei)), f"{key}.imei", "must be 15 digits")
         _check(bool(_AID_RE.match(m.isdr_aid)), f"{key}.isdr_aid", "must be 5-16 bytes of hex")
@@ -386,6 +405,12 @@ def _validate(cfg: Config, base_dir: Path) -> None:
             )
             interfaces[m.interface] = m.id
 
+    if cfg.discovery.source == "emulator":
+        _check(
+            bool(cfg.discovery.emulator_control),
+            "discovery.emulator_control",
+            "source = 'emulator' needs the emulator's control socket path",
+        )
     _check(len(cfg.layers) > 0 or not cfg.modems, "layers", "define at least one layer")
     names: set[str] = set()
     primaries = emergencies = 0
@@ -612,6 +637,8 @@ def _normalized(cfg: Config) -> Config:
         if m.usb is not None:
             m.usb.vendor = m.usb.vendor.lower().removeprefix("0x")
             m.usb.product = m.usb.product.lower().removeprefix("0x")
+            if m.usb.interface is not None:
+                m.usb.interface = f"{int(m.usb.interface, 16):02x}"
         m.isdr_aid = m.isdr_aid.upper()
     return cfg
 
