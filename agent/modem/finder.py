@@ -18,7 +18,14 @@ from agent.at.channel import AtChannel
 from agent.config import ModemConfig
 from agent.errors import AgentError, AtError, PortBusyError, PortGoneError
 from agent.modem.driver import Modem
-from agent.transport.discovery import MatchSpec, ModemDevice, group, holders, match_entry
+from agent.transport.discovery import (
+    Match,
+    MatchSpec,
+    ModemDevice,
+    group,
+    holders,
+    match_entry,
+)
 from agent.transport.udev import DeviceEvent, DeviceSource, UdevDevice
 
 log = structlog.get_logger(__name__)
@@ -237,20 +244,9 @@ class Finder:
         match = match_entry(spec, free, self.imeis())
         if match.port is None and spec.how != "port":
             # probe what could answer: the unknown ports of the entry's USB device, or (IMEI)
-            # every free modem's candidates until one answers with that IMEI
+            # every free modem's candidates, modems in parallel so a hung one delays nobody
             targets = [match.device] if match.device is not None else free
-            for m in targets:
-                for p in m.at_candidates():
-                    if p.role in ("at_primary", "at") and spec.how == "usb":
-                        continue
-                    ident = await self.identify(p.path)
-                    if ident is None:
-                        continue
-                    match = match_entry(spec, self._free(spec), self.imeis())
-                    if match.port is not None:
-                        break
-                if match.port is not None:
-                    break
+            match = await self._probe_until_match(spec, targets) or match
         if match.port is None:
             raise PortGoneError(spec.how + " match", match.why or "not present")
         key = match.device.key if match.device is not None else match.port
@@ -259,6 +255,26 @@ class Finder:
                 del self.claims[k]
         self.claims[key] = spec.id
         return Found(port=match.port, device=match.device)
+
+    async def _probe_until_match(self, spec: MatchSpec, targets: list[ModemDevice]) -> Match | None:
+        async def walk(m: ModemDevice) -> None:
+            for p in m.at_candidates():
+                if spec.how == "usb" and p.role in ("at_primary", "at"):
+                    continue  # known by role: no probe needed
+                if await self.identify(p.path) is not None:
+                    return  # this modem answered: its IMEI is known now
+
+        pending = {asyncio.create_task(walk(m)) for m in targets}
+        try:
+            while pending:
+                _done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                match = match_entry(spec, self._free(spec), self.imeis())
+                if match.port is not None:
+                    return match
+        finally:
+            for task in pending:
+                task.cancel()
+        return None
 
     def device_for_port(self, path: str) -> ModemDevice | None:
         """The modem that has this port."""

@@ -194,6 +194,10 @@ def group(devices: Iterable[UdevDevice]) -> list[ModemDevice]:
     def modem_for(dev: UdevDevice) -> ModemDevice | None:
         found = device_key(dev.devpath)
         if found is None:
+            # a network interface hung directly below the PCI function of a WWAN modem
+            for key, modem in modems.items():
+                if dev.devpath.startswith(key + "/"):
+                    return modem
             return None
         key, bus = found
         if key not in modems:

@@ -92,11 +92,18 @@ def _from_pyudev(dev: Any) -> UdevDevice:
             value = dev.attributes.get("type")
             if value is not None:
                 attrs["type"] = bytes(value).decode(errors="replace").strip()
+        # A PCIe modem's identity is on its PCI function, which we do not follow: copy it.
+        with contextlib.suppress(Exception):
+            pci = dev.find_parent("pci")
+            if pci is not None:
+                attrs["pci_id"] = str(pci.properties.get("PCI_ID", ""))
+                attrs["pci_vendor"] = str(pci.properties.get("ID_VENDOR_FROM_DATABASE", ""))
+                attrs["pci_model"] = str(pci.properties.get("ID_MODEL_FROM_DATABASE", ""))
     return UdevDevice(
         subsystem=str(dev.subsystem),
         devpath=str(dev.device_path),
         properties=props,
-        attributes=attrs,
+        attributes={k: v for k, v in attrs.items() if v},
     )
 
 
@@ -175,10 +182,13 @@ class FakeDeviceSource:
         """The devices present now (synchronous view for tests)."""
         return list(self._devices.values())
 
-    async def events(self) -> AsyncIterator[DeviceEvent]:
-        """Events emitted by add/remove/change from the moment of the call."""
+    def events(self) -> AsyncIterator[DeviceEvent]:
+        """Events emitted by add/remove/change from the moment of the call (not of iteration)."""
         queue: asyncio.Queue[DeviceEvent | None] = asyncio.Queue()
         self._queues.append(queue)
+        return self._drain(queue)
+
+    async def _drain(self, queue: asyncio.Queue[DeviceEvent | None]) -> AsyncIterator[DeviceEvent]:
         try:
             while (event := await queue.get()) is not None:
                 yield event
