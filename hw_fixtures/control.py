@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -14,6 +14,8 @@ import structlog
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+#: A streaming request: its first reply, then one line per item until the client goes.
+Stream = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 MAX_REQUEST = 1024 * 1024
 IDLE_TIMEOUT = 3600.0
 
@@ -41,9 +43,12 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
 class ControlServer:
     """Serves a handler on a Unix socket; errors become {"ok": false, "error": ...}."""
 
-    def __init__(self, path: str, handler: Handler) -> None:
+    def __init__(
+        self, path: str, handler: Handler, streams: dict[str, Stream] | None = None
+    ) -> None:
         self.path = path
         self._handler = handler
+        self._streams = streams or {}
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -68,6 +73,13 @@ class ControlServer:
                     break
                 if not line.strip():
                     continue
+                stream = self._stream_for(line)
+                if stream is not None:
+                    # the connection now belongs to the stream until the client hangs up
+                    async for item in stream:
+                        writer.write(encode_reply(item))
+                        await asyncio.wait_for(writer.drain(), 10.0)
+                    break
                 reply = await self._answer(line)
                 writer.write(encode_reply(reply))
                 await asyncio.wait_for(writer.drain(), 10.0)
@@ -75,6 +87,14 @@ class ControlServer:
             pass
         finally:
             writer.close()
+
+    def _stream_for(self, line: bytes) -> AsyncIterator[dict[str, Any]] | None:
+        try:
+            request = decode_request(line)
+        except ControlRequestError:
+            return None
+        factory = self._streams.get(request["cmd"])
+        return factory(request) if factory is not None else None
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:

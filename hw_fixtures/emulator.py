@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -37,6 +38,7 @@ from hw_fixtures.modem_core import CoreError, ModemCore
 from hw_fixtures.personalities import PERSONALITIES, ROUTER_MODES, get_personality
 from hw_fixtures.pty_link import PtyLink
 from hw_fixtures.scenario import Delays, ModemConfig, default_modem, load_scenario
+from hw_fixtures.udev_feed import udev_records
 
 log = structlog.get_logger(__name__)
 
@@ -100,10 +102,14 @@ class EmulatedModem:
         loop: asyncio.AbstractEventLoop,
         link_dir: str,
         net: NetPlacement | None = None,
+        index: int = 0,
     ) -> None:
         self.cfg = cfg
         self.net = net
+        self.index = index
         self._loop = loop
+        #: Called with ("add" | "remove", udev records) when the modem appears or vanishes.
+        self.on_plug: Callable[[str, list[dict[str, Any]]], None] = lambda _a, _r: None
         self._started = False
         personality = get_personality(cfg.vendor, refresh=cfg.refresh)
         events = CardEvents()
@@ -194,10 +200,32 @@ class EmulatedModem:
         if self.opnet is not None:
             await self.opnet.close()
 
+    def udev_devices(self) -> list[dict[str, Any]]:
+        """How udev would show this modem now (nothing while unplugged)."""
+        if not self.link.plugged or self.link.port is None:
+            return []
+        ident = self.core.status()
+        return udev_records(
+            index=self.index,
+            port=self.link.port,
+            symlink=self.link.symlink,
+            vendor_name=self.core.p.name,
+            manufacturer=str(self.cfg.manufacturer or self.core.p.manufacturer),
+            model=str(self.cfg.model or self.core.p.model),
+            imei=str(ident.get("imei") or self.cfg.imei or "0"),
+            usb_vendor=self.cfg.usb_vendor,
+            usb_product=self.cfg.usb_product,
+            usb_serial=self.cfg.usb_serial,
+            usb_interface=self.cfg.usb_interface,
+            netdev=self.cfg.netdev,
+        )
+
     def unplug(self, duration: float | None = None) -> None:
         """Vanish like a USB device; with duration, come back on a new pty afterwards."""
         if self.link.plugged:
+            gone = self.udev_devices()
             self.link.close()
+            self.on_plug("remove", list(reversed(gone)))
         self._changed()
         if duration is not None:
             self._replug_timer = self._loop.call_later(float(duration), self.replug)
@@ -209,6 +237,7 @@ class EmulatedModem:
             self._replug_timer = None
         if not self.link.plugged:
             self.link.open()
+            self.on_plug("add", self.udev_devices())
         if reboot:
             self.core.start_reset()
         self._changed()
@@ -284,8 +313,30 @@ class Emulator:
         self.modems = modems
         self.net = "netns" if any(m.net is not None for m in modems) else "loopback"
         self.by_id = {m.cfg.id: m for m in modems}
-        self.control = ControlServer(control_path, self.handle)
+        self.control = ControlServer(
+            control_path, self.handle, streams={"udev_monitor": self.udev_monitor}
+        )
         self.stopped = asyncio.Event()
+        self._udev_watchers: list[asyncio.Queue[dict[str, Any]]] = []
+        for m in modems:
+            m.on_plug = self._udev_event
+
+    def _udev_event(self, action: str, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            for q in self._udev_watchers:
+                q.put_nowait({"action": action, "device": record})
+
+    async def udev_monitor(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The devices now, then one line per udev-like event (the fake udev source's feed)."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._udev_watchers.append(queue)
+        try:
+            devices = [d for m in self.modems for d in m.udev_devices()]
+            yield {"ok": True, "devices": devices}
+            while True:
+                yield await queue.get()
+        finally:
+            self._udev_watchers.remove(queue)
 
     def ready_line(self) -> dict[str, Any]:
         """The first stdout line."""
@@ -431,7 +482,8 @@ async def run(
     loop = asyncio.get_running_loop()
     nets: list[NetPlacement | None] = list(placements) if placements else [None] * len(configs)
     modems = [
-        EmulatedModem(cfg, loop, link_dir, net) for cfg, net in zip(configs, nets, strict=True)
+        EmulatedModem(cfg, loop, link_dir, net, i)
+        for i, (cfg, net) in enumerate(zip(configs, nets, strict=True))
     ]
     emulator = Emulator(modems, control_path)
     try:

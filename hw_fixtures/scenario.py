@@ -96,6 +96,12 @@ class ModemConfig:
     replies: dict[str, str] = field(default_factory=dict)
     # Directory written by hw_fixtures.pki: the eUICC can then download profiles (ES10b).
     download_pki: str | None = None
+    # How the modem looks to udev (hw_fixtures/udev_feed.py); None: the personality's USB ids.
+    usb_vendor: str | None = None
+    usb_product: str | None = None
+    usb_serial: str | None = None
+    usb_interface: str = "02"
+    netdev: str | None = None
 
 
 def luhn_complete(digits14: str) -> str:
@@ -164,6 +170,11 @@ def modem_from_table(table: dict[str, Any], index: int, file: str = "<scenario>"
         "pdp_auto",
         "apn",
         "usbnet",
+        "usb_vendor",
+        "usb_product",
+        "usb_serial",
+        "usb_interface",
+        "netdev",
     }
     nested = {
         "signal",

@@ -51,10 +51,14 @@ Prober = Callable[[str], Awaitable[Identity]]
 
 
 async def probe_identity(
-    path: str, *, deadline: float = PROBE_DEADLINE_S, tries: int = PROBE_TRIES
+    path: str,
+    *,
+    deadline: float = PROBE_DEADLINE_S,
+    tries: int = PROBE_TRIES,
+    ignore_pids: frozenset[int] = frozenset(),
 ) -> Identity:
     """`AT` until OK (short deadline, a few tries), then the identity; ProbeSkipped if held open."""
-    held = holders(path)
+    held = [pid for pid in holders(path) if pid not in ignore_pids]
     if held:
         raise ProbeSkipped(f"{path} is open in pid {', '.join(map(str, held))}")
     try:
@@ -107,7 +111,7 @@ class Finder:
 
     def __init__(self, source: DeviceSource, *, prober: Prober | None = None) -> None:
         self.source = source
-        self._prober: Prober = prober or probe_identity
+        self._prober: Prober = prober or self._probe
         self._devices: dict[str, UdevDevice] = {}
         self.modems: list[ModemDevice] = []
         #: What each AT port said (by port path); forgotten when the port goes away.
@@ -121,6 +125,10 @@ class Finder:
         self._removed: list[Callable[[str], None]] = []
         self._task: asyncio.Task[None] | None = None
         self.started = False
+
+    async def _probe(self, path: str) -> Identity:
+        # asked at probe time: a source learns its owner when it connects
+        return await probe_identity(path, ignore_pids=frozenset(self.source.owner_pids))
 
     # ---- lifecycle ------------------------------------------------------------------------
 

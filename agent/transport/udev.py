@@ -67,6 +67,10 @@ class DeviceEvent:
 class DeviceSource(Protocol):
     """Where devices come from: a snapshot, then the changes."""
 
+    #: Processes that provide the device nodes themselves (the emulator keeps its ptys open, as
+    #: the kernel does for a real tty): not counted as "another process holds the port".
+    owner_pids: frozenset[int]
+
     async def enumerate(self) -> list[UdevDevice]:
         """Every device of the followed subsystems present now."""
         ...
@@ -112,6 +116,7 @@ class PyudevSource:
 
     def __init__(self, subsystems: Iterable[str] = SUBSYSTEMS) -> None:
         self.subsystems = tuple(subsystems)
+        self.owner_pids: frozenset[int] = frozenset()
         self._closed = asyncio.Event()
 
     async def enumerate(self) -> list[UdevDevice]:
@@ -170,7 +175,8 @@ class PyudevSource:
 class FakeDeviceSource:
     """A source fed by hand: recorded udev properties in tests, the emulator's modems."""
 
-    def __init__(self, devices: Iterable[UdevDevice] = ()) -> None:
+    def __init__(self, devices: Iterable[UdevDevice] = (), owner_pids: Iterable[int] = ()) -> None:
+        self.owner_pids = frozenset(owner_pids)
         self._devices: dict[str, UdevDevice] = {d.devpath: d for d in devices}
         self._queues: list[asyncio.Queue[DeviceEvent | None]] = []
 
