@@ -392,6 +392,12 @@ class AtChannel:
         if pending is not None and not pending.future.done():
             pending.future.set_exception(exc)
 
+    def mark_gone(self, reason: str) -> None:
+        """The device went away (udev said so): fail the command in flight and every later one now,
+        instead of after its timeout."""
+        if self._lost is None:
+            self._on_lost(PortGoneError(self.port, reason))
+
     async def close(self) -> None:
         """Release the port."""
         self._port.close()

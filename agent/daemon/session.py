@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import structlog
 from agent.at.channel import AtChannel
 from agent.backoff import Backoff
 from agent.config import ModemConfig
+from agent.daemon.follow import FollowingModem
 from agent.errors import AgentError, AtError, AtTimeout, PortGoneError
 from agent.euicc.es10 import ProfileInfo
 from agent.euicc.lpa import Lpa
@@ -22,8 +24,9 @@ from agent.health.layer import ModemSignals, signals_from_modem_info
 from agent.models import ModemInfo
 from agent.modem.counters import Counters, read_counters
 from agent.modem.driver import Modem
+from agent.modem.finder import Finder, Identity, spec_for
 from agent.modem.vendors import vendor_by_name
-from agent.transport.discovery import list_usb_ttys, match_usb
+from agent.transport.discovery import ModemDevice
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +48,15 @@ class ModemSession:
         on_update: Callable[[ModemSession], None],
         rollback_timeout: float = 120.0,
         on_poll: Callable[[ModemSession], Awaitable[None]] | None = None,
+        finder: Finder | None = None,
     ) -> None:
         self.cfg = cfg
+        #: Discovery: where `usb` and `imei` entries are found and replugs are noticed.
+        self.finder = finder
+        #: The udev device the port belongs to (None for a path udev does not know, e.g. a pty).
+        self.device: ModemDevice | None = None
+        #: The modem's network interface (wwan0, usb0, enx...), when discovery found one.
+        self.netdev: str | None = None
         self.id = cfg.id
         self.state_dir = state_dir
         self._on_update = on_update
@@ -75,6 +85,7 @@ class ModemSession:
         self.last_tick = time.monotonic()
         self._poll_now = asyncio.Event()
         self._log = log.bind(modem=cfg.id)
+        self._unwatch = finder.on_port_removed(self._on_port_removed) if finder else None
 
     # ---- state views ---------------------------------------------------------------------
 
@@ -106,7 +117,23 @@ class ModemSession:
                 self._went_offline(f"{type(exc).__name__}: {exc}")
             finally:
                 await self._close_modem()
-            await asyncio.sleep(backoff.next())
+            await self._wait_retry(backoff.next())
+
+    async def _wait_retry(self, delay: float) -> None:
+        """Back off before the next connect; a device event (a replug) ends the wait early."""
+        if self.finder is None:
+            await asyncio.sleep(delay)
+        else:
+            await self.finder.wait_change(delay)
+
+    def _on_port_removed(self, devnode: str) -> None:
+        # udev saw the device go: fail what is in flight now rather than after its timeout
+        port, modem = self.port, self.modem
+        if port is None or modem is None:
+            return
+        if devnode in (port, os.path.realpath(port)):
+            self._log.warning("modem_port_removed", port=port)
+            modem.channel.mark_gone("device removed")
 
     def _went_offline(self, reason: str) -> None:
         if self.online or self.last_error != reason:
@@ -122,30 +149,30 @@ class ModemSession:
         if modem is not None:
             await modem.close()
 
-    def resolve_port(self) -> str:
-        """The tty to open: the configured path, or the one udev shows for the USB ids."""
-        if self.cfg.port:
-            return self.cfg.port
-        if self.cfg.usb is not None:
-            paths = match_usb(
-                list_usb_ttys(), self.cfg.usb.vendor, self.cfg.usb.product, self.cfg.usb.serial
-            )
-            if paths:
-                return paths[0]
-            raise PortGoneError(
-                f"usb {self.cfg.usb.vendor}:{self.cfg.usb.product}", "no such device"
-            )
-        raise PortGoneError(f"imei {self.cfg.imei}", "finding a modem by IMEI needs a port list")
+    async def locate(self) -> str:
+        """The tty to open now: the configured path, or where discovery finds the usb/imei entry."""
+        if self.finder is None:
+            if self.cfg.port:
+                return self.cfg.port
+            raise PortGoneError(self.id, "finding a modem by usb or imei needs discovery")
+        found = await self.finder.locate(spec_for(self.cfg))
+        self.device, self.netdev = found.device, found.netdev
+        return found.port
 
     async def _connect(self) -> None:
-        port = self.resolve_port()
+        port = await self.locate()
         self.port = port
         channel = await AtChannel.open(port)
         vendor = vendor_by_name(self.cfg.vendor) if self.cfg.vendor != "auto" else None
         self.modem = Modem(channel, vendor)
         channel.subscribe("RDY", self._on_boot)
         await self.modem.probe()
-        if self.cfg.imei and (await self.modem.identity()).imei != self.cfg.imei:
+        ident = await self.modem.identity()
+        if self.finder is not None:
+            self.finder.note_identity(
+                port, Identity(imei=ident.imei, manufacturer=ident.manufacturer, model=ident.model)
+            )
+        if self.cfg.imei and ident.imei != self.cfg.imei:
             raise PortGoneError(port, f"modem on this port is not IMEI {self.cfg.imei}")
         if await self.modem.cfun() in (0, 4):
             # Left with its radio off (a run killed in the middle of a CFUN cycle, or by hand):
@@ -154,7 +181,13 @@ class ModemSession:
             await self.modem.set_cfun(1)
         self.online = True
         self.last_error = None
-        self._log.info("modem_online", port=port, vendor=self.modem.vendor.name)
+        self._log.info("modem_online", port=port, vendor=self.modem.vendor.name, netdev=self.netdev)
+        if self.switching:
+            # Back after a re-enumeration inside a switch: the switch holds the lock, follows
+            # the modem here (FollowingModem) and reads the eUICC itself when it is done.
+            self.connected.set()
+            self._on_update(self)
+            return
         async with self.lock:
             await self._read_euicc()
             await self._read_state()
@@ -291,7 +324,7 @@ class ModemSession:
         try:
             async with self.lock:
                 switch = SafeSwitch(
-                    modem,
+                    FollowingModem(self, modem, self.rollback_timeout),
                     self.lpa,
                     strategy=self.refresh_strategy(),
                     rollback_timeout=self.rollback_timeout,
@@ -344,6 +377,7 @@ class ModemSession:
         return {
             "id": self.id,
             "port": self.port,
+            "netdev": self.netdev,
             "online": self.online,
             "eid": self.eid,
             "enabled_iccid": self.enabled_iccid,
