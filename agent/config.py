@@ -241,6 +241,8 @@ class DiscoveryConfig(_Section):
     source: Literal["udev", "emulator", "none"] = "udev"
     #: The emulator's control socket, for source = "emulator".
     emulator_control: str | None = None
+    #: D-Bus address to find ModemManager on; None: the system bus.
+    dbus_address: str | None = None
 
 
 class Config(_Section):

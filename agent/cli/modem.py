@@ -1,9 +1,11 @@
-"""`esim-agent modem info|scan`: read a modem's state straight from its port."""
+"""`esim-agent modem info|scan|list`: read a modem's state from its port; list what discovery sees."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -15,6 +17,7 @@ from agent.errors import AgentError
 from agent.models import ModemInfo, ScanResult
 
 EXIT_RUNTIME = 1
+EX_CONFIG = 78
 T = TypeVar("T")
 
 
@@ -40,6 +43,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 help="scan deadline in seconds (default 180)",
             )
         q.set_defaults(handler=handler)
+    q = msub.add_parser(
+        "list", help="devices, ports and roles, identities, network interfaces, matched entries"
+    )
+    q.add_argument("--config", default=None, help=f"configuration (default {DEFAULT_CONFIG})")
+    q.add_argument("--socket", default=None, help="ask the daemon on this control socket")
+    q.add_argument("--local", action="store_true", help="discover here even if a daemon runs")
+    q.add_argument("--no-probe", action="store_true", help="do not send AT to unknown ports")
+    q.add_argument("--json", action="store_true", help="print JSON (docs/discovery.md)")
+    q.set_defaults(handler=_list)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -126,3 +138,103 @@ def render_info(info: ModemInfo) -> None:
             ("Operator", [("name", o.name), ("mcc_mnc", o.mcc_mnc)]),
         ]
     )
+
+
+# ---- modem list ------------------------------------------------------------------------------
+
+DEFAULT_CONFIG = "/etc/esim-agent/config.toml"
+MM_TIMEOUT_S = 2.0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from agent.config import Config, load_config
+    from agent.errors import ConfigError
+
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    try:
+        cfg = load_config(path) if path else Config(device_id="local")
+    except ConfigError as exc:
+        error(str(exc))
+        return EX_CONFIG
+    doc = None if args.local else _from_daemon(args.socket or cfg.control_socket)
+    if doc is None:
+        try:
+            doc = asyncio.run(_discover(cfg, probe=not args.no_probe))
+        except AgentError as exc:
+            error(str(exc))
+            return EXIT_RUNTIME
+    if args.json:
+        print_json(doc)
+    else:
+        render_list(doc)
+    return 0
+
+
+def _from_daemon(socket: str) -> dict[str, Any] | None:
+    """The running daemon's view (it holds the ports, so it knows more); None when none runs."""
+    from agent.daemon.control import ControlError, control_call
+
+    if not os.path.exists(socket):
+        return None
+    try:
+        doc = asyncio.run(control_call(socket, "modems", {}, timeout=30))
+    except ControlError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+async def _discover(cfg: Any, *, probe: bool) -> dict[str, Any]:
+    from agent.daemon.devices import device_source, report
+    from agent.modem.finder import Finder
+    from agent.transport.modemmanager import modemmanager_running
+
+    mm_task = asyncio.create_task(
+        modemmanager_running(MM_TIMEOUT_S, bus_address=cfg.discovery.dbus_address)
+    )
+    source = device_source(cfg.discovery)
+    finder = Finder(source) if source is not None else None
+    try:
+        if finder is not None:
+            await finder.start()
+            if probe:
+                await finder.identify_all()
+        return report(finder, cfg.modems, source=cfg.discovery.source, modemmanager=await mm_task)
+    finally:
+        if finder is not None:
+            await finder.stop()
+
+
+def render_list(doc: dict[str, Any]) -> None:
+    """The human form of `modem list`."""
+    mm = {True: "running", False: "not running", None: "unknown (no system bus)"}
+    sys.stdout.write(f"ModemManager: {mm[doc.get('modemmanager')]}\n")
+    if not doc["devices"]:
+        sys.stdout.write(f"No modem devices ({doc['source']}).\n")
+    for d in doc["devices"]:
+        entry = f"entry {d['entry']}" if d["entry"] else "no entry"
+        sys.stdout.write(
+            f"\n{d['vendor']}:{d['product']} {d['model'] or ''} [{d['bus']}] {entry}"
+            f"  imei {d['imei'] or '-'}  net {d['netdev'] or '-'}\n  {d['key']}\n"
+        )
+        if d["why"]:
+            sys.stdout.write(f"  {d['why']}\n")
+        print_table(
+            ("port", "role", "if", "driver", "held by", "imei"),
+            [
+                (
+                    p["path"],
+                    p["role"],
+                    p["interface"],
+                    p["driver"],
+                    ",".join(map(str, p["held_by"])) or None,
+                    p["imei"] or p["probe_error"],
+                )
+                for p in d["ports"]
+            ],
+        )
+    if doc["entries"]:
+        sys.stdout.write("\n")
+        print_table(
+            ("entry", "by", "port", "net", "why"),
+            [(e["id"], e["how"], e["port"], e["netdev"], e["why"]) for e in doc["entries"]],
+        )

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -27,6 +27,7 @@ from agent.modem.driver import Modem
 from agent.modem.finder import Finder, Identity, spec_for
 from agent.modem.vendors import vendor_by_name
 from agent.transport.discovery import ModemDevice
+from agent.transport.modemmanager import ModemManagerError, inhibited
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,7 @@ class ModemSession:
         rollback_timeout: float = 120.0,
         on_poll: Callable[[ModemSession], Awaitable[None]] | None = None,
         finder: Finder | None = None,
+        dbus_address: str | None = None,
     ) -> None:
         self.cfg = cfg
         #: Discovery: where `usb` and `imei` entries are found and replugs are noticed.
@@ -57,6 +59,7 @@ class ModemSession:
         self.device: ModemDevice | None = None
         #: The modem's network interface (wwan0, usb0, enx...), when discovery found one.
         self.netdev: str | None = None
+        self.dbus_address = dbus_address
         self.id = cfg.id
         self.state_dir = state_dir
         self._on_update = on_update
@@ -279,6 +282,26 @@ class ModemSession:
         for p in self.profiles:
             p.state = "enabled" if p.iccid == running else "disabled"
 
+    @contextlib.asynccontextmanager
+    async def modemmanager_off(self) -> AsyncIterator[None]:
+        """With `share_with_modemmanager`: ModemManager inhibited on this modem for the block.
+
+        Without ModemManager (or without a udev device to name) there is nothing to inhibit and
+        the block runs as it is: the eUICC work matters more than the courtesy.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            if self.cfg.share_with_modemmanager:
+                if self.device is None:
+                    self._log.warning("modemmanager_inhibit_skipped", reason="no udev device")
+                else:
+                    try:
+                        await stack.enter_async_context(
+                            inhibited(self.device.uid, bus_address=self.dbus_address)
+                        )
+                    except (ModemManagerError, OSError, TimeoutError) as exc:
+                        self._log.warning("modemmanager_inhibit_failed", error=str(exc))
+            yield
+
     # ---- eUICC ---------------------------------------------------------------------------
 
     def lpa(self) -> Lpa:
@@ -322,7 +345,7 @@ class ModemSession:
             return SwitchReport(outcome="switched", from_iccid=iccid, to_iccid=iccid)
         self.switching = True
         try:
-            async with self.lock:
+            async with self.lock, self.modemmanager_off():
                 switch = SafeSwitch(
                     FollowingModem(self, modem, self.rollback_timeout),
                     self.lpa,
@@ -349,7 +372,7 @@ class ModemSession:
     async def with_lpa(self, op: Callable[[Lpa], Awaitable[object]]) -> object:
         """Run one eUICC operation under the modem lock, then re-read the profile list."""
         self._require()
-        async with self.lock:
+        async with self.lock, self.modemmanager_off():
             async with self.lpa() as lpa:
                 result = await op(lpa)
             await self._read_euicc()

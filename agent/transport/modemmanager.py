@@ -98,7 +98,10 @@ async def inhibited(
     out: should the agent die inside the block, the bus drops the connection and ModemManager
     takes the modem back by itself.
     """
-    bus = await _connect(bus_address, timeout)
+    try:
+        bus = await _connect(bus_address, timeout)
+    except Exception as exc:  # no bus, refused, not answering: one typed error for the caller
+        raise ModemManagerError(f"no D-Bus to reach ModemManager: {exc}") from exc
     try:
         await _inhibit_call(bus, uid, True, timeout)
         log.info("modemmanager_inhibited", uid=uid)
