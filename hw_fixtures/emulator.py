@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import re
 import secrets
 import shutil
@@ -130,6 +131,7 @@ class EmulatedModem:
         )
         events.on_profile_change = self.core.on_profile_change
         self._replug_timer: asyncio.TimerHandle | None = None
+        self._was_resetting = False
         self.opnet: Any = None
         if net is not None:
             from hw_fixtures.opnet import OperatorNetwork
@@ -170,6 +172,17 @@ class EmulatedModem:
         return self.core.data_path() if self.link.plugged else "down"
 
     def _changed(self) -> None:
+        core = getattr(self, "core", None)  # the core reports changes while it is being built
+        resetting = core is not None and core.resetting
+        if (
+            resetting
+            and not getattr(self, "_was_resetting", False)
+            and self.cfg.reenumerate_on_reset
+        ):
+            # AT+CFUN=1,1 on a USB modem: it drops off the bus and comes back as a new device
+            # just before it boots (its boot URCs arrive on the new port)
+            self._loop.call_soon(self.unplug, self.cfg.delays.reset * 0.5)
+        self._was_resetting = resetting
         if self._started:
             self.dataplane.sync_soon()
             if self.opnet is not None:
@@ -236,7 +249,14 @@ class EmulatedModem:
             self._replug_timer.cancel()
             self._replug_timer = None
         if not self.link.plugged:
-            self.link.open()
+            # Like a USB modem whose old ttyUSB number is still held by the kernel while its
+            # user closes it: the replugged modem comes back under another number.
+            spare = pty.openpty()
+            try:
+                self.link.open()
+            finally:
+                for fd in spare:
+                    os.close(fd)
             self.on_plug("add", self.udev_devices())
         if reboot:
             self.core.start_reset()

@@ -100,8 +100,10 @@ class ModemConfig:
     usb_vendor: str | None = None
     usb_product: str | None = None
     usb_serial: str | None = None
-    usb_interface: str = "02"
+    usb_interface: str | None = None
     netdev: str | None = None
+    # AT+CFUN=1,1 makes the modem leave the bus and come back on a new port (USB modems do)
+    reenumerate_on_reset: bool = False
 
 
 def luhn_complete(digits14: str) -> str:
@@ -175,6 +177,7 @@ def modem_from_table(table: dict[str, Any], index: int, file: str = "<scenario>"
         "usb_serial",
         "usb_interface",
         "netdev",
+        "reenumerate_on_reset",
     }
     nested = {
         "signal",

@@ -31,6 +31,8 @@ USB_IDS: dict[str, tuple[str, str]] = {
     "simcom": ("1e0e", "9001"),
     "dell": ("413c", "81b6"),
 }
+#: Where each personality's AT port sits (the real modems' layouts, agent.transport.discovery).
+AT_INTERFACE: dict[str, str] = {"sierra": "03", "dell": "03"}
 BUS_ROOT = "/devices/esim-emulator/usb9"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -47,7 +49,7 @@ def udev_records(
     usb_vendor: str | None = None,
     usb_product: str | None = None,
     usb_serial: str | None = None,
-    usb_interface: str = "02",
+    usb_interface: str | None = None,
     netdev: str | None = None,
 ) -> list[dict[str, Any]]:
     """The recorded form of one plugged-in emulated modem, parents first."""
@@ -56,7 +58,7 @@ def udev_records(
     serial = usb_serial or f"EMU{imei[-8:]}"
     dev = f"9-{index + 1}"
     usb = f"{BUS_ROOT}/{dev}"
-    iface = f"{int(usb_interface, 16):02x}"
+    iface = f"{int(usb_interface or AT_INTERFACE.get(vendor_name, '02'), 16):02x}"
     tty_name = "pts" + port.rsplit("/", 1)[-1]
     ids = {
         "ID_BUS": "usb",

@@ -84,9 +84,10 @@ async def test_imei_found_then_followed_across_unplug_and_replug(emu: EmulatorHa
         # another pty is taken first so the modem cannot come back on the same number
         other = await asyncio.to_thread(emu.control, "unplug", modem="q")
         assert other["plugged"] is False
-        changed = asyncio.ensure_future(finder.wait_change(10.0))
-        await asyncio.to_thread(emu.control, "replug", modem="g")
-        assert await changed
+        new_port = (await asyncio.to_thread(emu.control, "replug", modem="g"))["port"]
+        async with asyncio.timeout(10.0):
+            while finder.device_for_port(new_port) is None:  # usb device first, then its tty
+                await finder.wait_change(10.0)
         again = await finder.locate(spec)
         assert again.port == emu.status("g")["port"]
         assert again.device is not None

@@ -223,6 +223,11 @@ class AtChannel:
         return self._lost is not None
 
     @property
+    def lost(self) -> PortGoneError | None:
+        """How the port went away (unplug, removal, close), once it has."""
+        return self._lost
+
+    @property
     def needs_reprobe(self) -> bool:
         """True after TIMEOUTS_BEFORE_INVALID timeouts in a row: the modem is not answering."""
         return self.consecutive_timeouts >= TIMEOUTS_BEFORE_INVALID

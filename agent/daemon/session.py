@@ -220,8 +220,8 @@ class ModemSession:
                 # Consumed here, or a single registration URC would wake this loop at once on
                 # every turn from then on: back-to-back polls, and a busy loop while switching.
                 modem.registration_changed.clear()
-                if modem.channel.is_lost:
-                    raise PortGoneError(self.port or "?", "port lost")
+                if (gone := modem.channel.lost) is not None:
+                    raise gone
                 if self.switching:
                     continue  # the switch reads what it needs; polls would only slow it
                 async with self.lock:

@@ -66,13 +66,15 @@ async def probe_identity(
     except PortBusyError as exc:
         raise ProbeSkipped(f"{path}: {exc.reason}") from exc
     try:
-        for attempt in range(tries):
-            try:
-                await channel.command("AT", timeout=deadline)
-                break
-            except AtError:
-                if channel.is_lost or attempt == tries - 1:
-                    raise
+        # the whole AT phase is bounded: a silent port costs a few seconds, not a resync's worth
+        async with asyncio.timeout(deadline * (tries + 1)):
+            for attempt in range(tries):
+                try:
+                    await channel.command("AT", timeout=deadline)
+                    break
+                except AtError:
+                    if channel.is_lost or attempt == tries - 1:
+                        raise
         ident = await asyncio.wait_for(Modem(channel, None).identity(), deadline * 8)
         return Identity(imei=ident.imei, manufacturer=ident.manufacturer, model=ident.model)
     finally:
