@@ -251,11 +251,11 @@ class EmulatedModem:
         if not self.link.plugged:
             # Like a USB modem whose old ttyUSB number is still held by the kernel while its
             # user closes it: the replugged modem comes back under another number.
-            spare = pty.openpty()
+            spares = _hold_pty_number(self.link.port)
             try:
                 self.link.open()
             finally:
-                for fd in spare:
+                for fd in spares:
                     os.close(fd)
             self.on_plug("add", self.udev_devices())
         if reboot:
@@ -324,6 +324,27 @@ class EmulatedModem:
                 "requests": {k: len(v) for k, v in self.opnet.requests.items()},
             }
         }
+
+
+def _pts_number(path: str | None) -> int | None:
+    tail = (path or "").rsplit("/", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _hold_pty_number(old: str | None, limit: int = 64) -> list[int]:
+    """Open ptys (lowest number first, as the kernel hands them out) until the old number is
+    held, so the next pty gets another one; returns the fds to close afterwards."""
+    want = _pts_number(old)
+    fds: list[int] = []
+    if want is None:
+        return fds
+    for _ in range(limit):
+        master, slave = pty.openpty()
+        fds += [master, slave]
+        got = _pts_number(os.ttyname(slave))
+        if got is None or got >= want:
+            break  # the old number is ours now, or someone else holds it anyway
+    return fds
 
 
 class Emulator:
