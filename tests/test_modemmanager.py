@@ -9,17 +9,24 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from agent.config import ModemConfig
+from agent.daemon.session import ModemSession
+from agent.euicc.lpa import Lpa
+from agent.modem.finder import Finder
 from agent.transport.modemmanager import (
     MM_NAME,
     ModemManagerError,
     inhibited,
     modemmanager_running,
 )
+from hw_fixtures.testing import start_emulator
+from hw_fixtures.udev_feed import EmulatorDeviceSource
 
 UID = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4"
 
@@ -169,3 +176,56 @@ async def test_a_crash_inside_the_block_releases_the_modem(
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+SHARED = """
+[[modem]]
+id = "m0"
+vendor = "quectel"
+imei = "867698040000005"
+"""
+
+
+async def test_shared_modem_is_inhibited_around_euicc_work_only(
+    fake_mm: FakeModemManager, bus_address: str, tmp_path: Path
+) -> None:
+    scenario = tmp_path / "shared.toml"
+    scenario.write_text(SHARED)
+    emu = await asyncio.to_thread(
+        start_emulator, "--scenario", str(scenario), "--fast", "--log-level", "warning"
+    )
+    finder = Finder(EmulatorDeviceSource(emu.control_path))
+    online = asyncio.Event()
+    cfg = ModemConfig(id="m0", imei="867698040000005", share_with_modemmanager=True)
+    session = ModemSession(
+        cfg,
+        state_dir=tmp_path,
+        on_update=lambda s: online.set() if s.online else None,
+        finder=finder,
+        dbus_address=bus_address,
+    )
+    await finder.start()
+    task = asyncio.create_task(session.run())
+    try:
+        await asyncio.wait_for(online.wait(), 30)
+        assert session.device is not None
+        uid = session.device.uid
+        assert fake_mm.inhibitions == {}  # polling does not inhibit
+
+        seen: dict[str, str] = {}
+
+        async def op(lpa: Lpa) -> object:
+            seen.update(fake_mm.inhibitions)
+            return await lpa.get_eid()
+
+        eid = await session.with_lpa(op)
+        assert eid == session.eid
+        assert uid in seen  # inhibited while the eUICC was being worked on
+        assert fake_mm.inhibitions == {}  # and released afterwards
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if session.modem is not None:
+            await session.modem.close()
+        await finder.stop()
+        await asyncio.to_thread(emu.stop)
