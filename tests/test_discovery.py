@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from agent.config import ModemConfig, UsbMatch
+from agent.daemon.devices import report
 from agent.errors import PortGoneError
 from agent.modem.finder import Finder, Identity, ProbeSkipped
 from agent.transport.discovery import (
@@ -272,3 +274,39 @@ def test_holders_sees_a_process_holding_a_port_open() -> None:
         os.close(master)
         os.close(slave)
     assert holders("/dev/esim-test-nothing") == []
+
+
+# ---- the modem list report --------------------------------------------------------------------
+
+
+async def test_report_shows_every_device_and_why_unmatched_ones_are_not_used() -> None:
+    finder = Finder(FakeDeviceSource(_all_devices()), prober=FakeProber({}))
+    await finder.start()
+    try:
+        cfgs = [
+            ModemConfig(id="wwan", usb=UsbMatch(vendor="2c7c", product="0125")),
+            ModemConfig(id="gone", usb=UsbMatch(vendor="1e0e", product="9001")),
+        ]
+        doc = report(finder, cfgs, source="udev", modemmanager=None)
+    finally:
+        await finder.stop()
+    assert doc["source"] == "udev"
+    assert doc["modemmanager"] is None
+    devices = {d["vendor"]: d for d in doc["devices"]}
+    assert set(devices) == {"2c7c", "1199", "14c3", "1bc7"}
+    ec25 = devices["2c7c"]
+    assert ec25["entry"] == "wwan"
+    assert ec25["why"] is None
+    assert ec25["at_port"] == "/dev/ttyUSB2"
+    assert ec25["netdev"] == "wwan0"
+    assert [p["role"] for p in ec25["ports"]] == ["diag", "gps", "at_primary", "ppp"]
+    sierra = devices["1199"]
+    assert sierra["entry"] is None
+    assert sierra["why"] == "no [[modems]] entry matches usb 1199:9079: reported, not used"
+    assert devices["14c3"]["bus"] == "pci"
+    assert devices["14c3"]["at_port"] == "/dev/wwan0at0"
+    entries = {e["id"]: e for e in doc["entries"]}
+    assert entries["wwan"]["port"] == "/dev/ttyUSB2"
+    assert entries["wwan"]["how"] == "usb"
+    assert entries["gone"]["port"] is None
+    assert entries["gone"]["why"] == "no device usb 1e0e:9001"
