@@ -60,6 +60,7 @@ class ModemSession:
         #: The modem's network interface (wwan0, usb0, enx...), when discovery found one.
         self.netdev: str | None = None
         self.dbus_address = dbus_address
+        self._generation_seen: int | None = None
         self.id = cfg.id
         self.state_dir = state_dir
         self._on_update = on_update
@@ -127,7 +128,7 @@ class ModemSession:
         if self.finder is None:
             await asyncio.sleep(delay)
         else:
-            await self.finder.wait_change(delay)
+            await self.finder.wait_change(delay, since=self._generation_seen)
 
     def _on_port_removed(self, devnode: str) -> None:
         # udev saw the device go: fail what is in flight now rather than after its timeout
@@ -158,6 +159,8 @@ class ModemSession:
             if self.cfg.port:
                 return self.cfg.port
             raise PortGoneError(self.id, "finding a modem by usb or imei needs discovery")
+        # device changes from here on wake the next retry, even those during this attempt
+        self._generation_seen = self.finder.generation
         found = await self.finder.locate(spec_for(self.cfg))
         self.device, self.netdev = found.device, found.netdev
         return found.port

@@ -127,6 +127,8 @@ class Finder:
         self._removed: list[Callable[[str], None]] = []
         self._task: asyncio.Task[None] | None = None
         self.started = False
+        #: Counts device changes; `wait_change(since=...)` compares against it.
+        self.generation = 0
 
     async def _probe(self, path: str) -> Identity:
         # asked at probe time: a source learns its owner when it connects
@@ -179,11 +181,18 @@ class Finder:
 
     def _regroup(self) -> None:
         self.modems = group(self._devices.values())
+        self.generation += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def wait_change(self, timeout: float) -> bool:
-        """Wait for the next device change, up to timeout; False on timeout."""
+    async def wait_change(self, timeout: float, since: int | None = None) -> bool:
+        """Wait for a device change after generation `since` (default: from now), up to timeout.
+
+        Returns at once when one already happened since then, so a caller that looked at the
+        devices, worked, and waits again cannot miss an event that arrived while it worked.
+        """
+        if since is not None and since != self.generation:
+            return True
         changed = self._changed
         try:
             async with asyncio.timeout(timeout):
