@@ -310,3 +310,20 @@ async def test_report_shows_every_device_and_why_unmatched_ones_are_not_used() -
     assert entries["wwan"]["how"] == "usb"
     assert entries["gone"]["port"] is None
     assert entries["gone"]["why"] == "no device usb 1e0e:9001"
+
+
+async def test_a_change_during_work_is_not_missed_by_the_next_wait() -> None:
+    _, ec25 = _load("quectel-ec25.json")
+    source = FakeDeviceSource()
+    finder = Finder(source, prober=FakeProber({}))
+    await finder.start()
+    try:
+        seen = finder.generation
+        source.add(*ec25)  # arrives while the caller is busy elsewhere
+        while finder.generation == seen:
+            await finder.wait_change(5.0)
+        # a caller that looked at generation `seen` is woken at once, not at its timeout
+        assert await finder.wait_change(3600.0, since=seen)
+        assert not await finder.wait_change(0.01, since=finder.generation)
+    finally:
+        await finder.stop()
