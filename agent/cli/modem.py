@@ -156,7 +156,15 @@ def _list(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         error(str(exc))
         return EX_CONFIG
-    doc = None if args.local else _from_daemon(args.socket or cfg.control_socket)
+    doc = None
+    if not args.local:
+        from agent.cli.daemon import default_socket
+
+        # the daemon's socket: as given, as the config places it, or where systemd puts it
+        sockets = [args.socket] if args.socket else [cfg.control_socket, default_socket()]
+        for socket in dict.fromkeys(sockets):
+            if (doc := _from_daemon(socket)) is not None:
+                break
     if doc is None:
         try:
             doc = asyncio.run(_discover(cfg, probe=not args.no_probe))
