@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -106,7 +104,6 @@ class EmulatorDeviceSource:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._snapshot: list[UdevDevice] = []
-        self.owner_pids: frozenset[int] = frozenset()
 
     async def _connect(self) -> None:
         if self._reader is not None:
@@ -122,11 +119,6 @@ class EmulatorDeviceSource:
             writer.close()
             raise ConnectionError(f"emulator refused udev_monitor: {first.get('error')}")
         self._reader, self._writer = reader, writer
-        # the emulator keeps its ptys open (as the kernel does a tty): it is their owner, not a user
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            self.owner_pids = frozenset({struct.unpack("3i", creds)[0]})
         self._snapshot = [device_from_dict(d, self.control_path) for d in first["devices"]]
 
     async def enumerate(self) -> list[UdevDevice]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import pty
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,10 @@ from agent.transport.discovery import (
     MatchSpec,
     ModemDevice,
     group,
-    holders,
     match_all,
     match_entry,
     network_interface,
+    usb_at_port,
 )
 from agent.transport.udev import FakeDeviceSource, UdevDevice, load_recording
 
@@ -265,15 +263,12 @@ async def test_unplug_tells_listeners_and_replug_on_another_number_is_found() ->
 # ---- the outside world ------------------------------------------------------------------------
 
 
-def test_holders_sees_a_process_holding_a_port_open() -> None:
-    master, slave = pty.openpty()
-    try:
-        path = os.ttyname(slave)
-        assert os.getpid() in holders(path)
-    finally:
-        os.close(master)
-        os.close(slave)
-    assert holders("/dev/esim-test-nothing") == []
+def test_usb_at_port_for_the_check_command_needs_no_probe() -> None:
+    devices = _all_devices()
+    assert usb_at_port(devices, "2c7c", "0125") == "/dev/ttyUSB2"
+    assert usb_at_port(devices, "1bc7", "1061", interface="05") == "/dev/ttyUSB2"
+    with pytest.raises(PortGoneError, match="no device usb 1e0e:9001"):
+        usb_at_port(devices, "1e0e", "9001")
 
 
 # ---- the modem list report --------------------------------------------------------------------

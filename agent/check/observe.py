@@ -12,7 +12,8 @@ from agent.euicc.lpa import Lpa
 from agent.euicc.transport import MODE_CGLA, MODE_CSIM, AtApduTransport
 from agent.health.probes import probe_from_spec
 from agent.modem.driver import open_modem
-from agent.transport.discovery import list_usb_ttys, match_usb
+from agent.transport.discovery import usb_at_port
+from agent.transport.udev import udev_devices
 
 MODEM_ANSWER_S = 3.0
 MODEM_READ_S = 60.0
@@ -20,14 +21,12 @@ _APDU_MODES = {"auto": None, "ccho": MODE_CGLA, "cgla": MODE_CGLA, "csim": MODE_
 
 
 def resolve_port(m: ModemConfig) -> str:
-    """The tty of a configured modem: its port, or the one udev shows for its USB ids."""
+    """The tty of a configured modem: its port, or its USB device's AT port as udev shows it."""
     if m.port:
         return m.port
     if m.usb is not None:
-        paths = match_usb(list_usb_ttys(), m.usb.vendor, m.usb.product, m.usb.serial)
-        if paths:
-            return paths[0]
-        raise PortGoneError(f"usb {m.usb.vendor}:{m.usb.product}", "no such device")
+        u = m.usb
+        return usb_at_port(udev_devices(), u.vendor, u.product, u.serial, u.interface)
     raise PortGoneError(f"imei {m.imei}", "a modem found by IMEI is checked through the daemon")
 
 

@@ -12,7 +12,8 @@ import structlog
 
 from agent.config import DiscoveryConfig, ModemConfig
 from agent.modem.finder import Finder, spec_for
-from agent.transport.discovery import Match, ModemDevice, holders, match_all
+from agent.transport.discovery import Match, ModemDevice, match_all
+from agent.transport.owners import port_holders
 from agent.transport.udev import DeviceSource, PyudevSource
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ async def start_finder(cfg: DiscoveryConfig) -> Finder | None:
     return finder
 
 
-def _port_view(finder: Finder, device: ModemDevice, owner_pids: frozenset[int]) -> list[Any]:
+def _port_view(finder: Finder, device: ModemDevice) -> list[Any]:
     out = []
     for p in device.ports:
         ident = finder.identities.get(p.path)
@@ -63,7 +64,7 @@ def _port_view(finder: Finder, device: ModemDevice, owner_pids: frozenset[int]) 
                 "interface": p.interface,
                 "driver": p.driver,
                 "links": list(p.links),
-                "held_by": [pid for pid in holders(p.path) if pid not in owner_pids],
+                "held_by": sorted(port_holders(p.path)),
                 "imei": ident.imei if ident else None,
                 "probe_error": finder.probe_errors.get(p.path),
             }
@@ -99,11 +100,10 @@ def report(
             if port is not None:
                 dev = finder.device_for_port(port) if finder is not None else None
                 matches[spec.id] = Match(spec, dev, port)
-    owner_pids = frozenset(finder.source.owner_pids) if finder is not None else frozenset()
     entry_of = {m.device.key: sid for sid, m in matches.items() if m.device is not None}
     out_devices = []
     for d in devices:
-        ports = _port_view(finder, d, owner_pids) if finder is not None else []
+        ports = _port_view(finder, d) if finder is not None else []
         imei = next((p["imei"] for p in ports if p["imei"]), None)
         entry = entry_of.get(d.key)
         at_port = matches[entry].port if entry is not None else None

@@ -23,9 +23,9 @@ from agent.transport.discovery import (
     MatchSpec,
     ModemDevice,
     group,
-    holders,
     match_entry,
 )
+from agent.transport.owners import port_holders
 from agent.transport.udev import DeviceEvent, DeviceSource, UdevDevice
 
 log = structlog.get_logger(__name__)
@@ -55,12 +55,12 @@ async def probe_identity(
     *,
     deadline: float = PROBE_DEADLINE_S,
     tries: int = PROBE_TRIES,
-    ignore_pids: frozenset[int] = frozenset(),
 ) -> Identity:
     """`AT` until OK (short deadline, a few tries), then the identity; ProbeSkipped if held open."""
-    held = [pid for pid in holders(path) if pid not in ignore_pids]
+    held = port_holders(path)
     if held:
-        raise ProbeSkipped(f"{path} is open in pid {', '.join(map(str, held))}")
+        who = ", ".join(f"{pid} ({name})" for pid, name in sorted(held.items()))
+        raise ProbeSkipped(f"{path} is open in pid {who}")
     try:
         channel = await asyncio.wait_for(AtChannel.open(path), deadline)
     except PortBusyError as exc:
@@ -113,7 +113,7 @@ class Finder:
 
     def __init__(self, source: DeviceSource, *, prober: Prober | None = None) -> None:
         self.source = source
-        self._prober: Prober = prober or self._probe
+        self._prober: Prober = prober or probe_identity
         self._devices: dict[str, UdevDevice] = {}
         self.modems: list[ModemDevice] = []
         #: What each AT port said (by port path); forgotten when the port goes away.
@@ -129,10 +129,6 @@ class Finder:
         self.started = False
         #: Counts device changes; `wait_change(since=...)` compares against it.
         self.generation = 0
-
-    async def _probe(self, path: str) -> Identity:
-        # asked at probe time: a source learns its owner when it connects
-        return await probe_identity(path, ignore_pids=frozenset(self.source.owner_pids))
 
     # ---- lifecycle ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import structlog
 
+from agent.errors import PortGoneError
 from agent.transport.udev import UdevDevice
 
 log = structlog.get_logger(__name__)
@@ -354,6 +355,21 @@ def match_entry(spec: MatchSpec, devices: Sequence[ModemDevice], imeis: Mapping[
     return Match(spec, None, None, f"no AT port answered with IMEI {want_imei}")
 
 
+def usb_at_port(
+    devices: Sequence[UdevDevice],
+    vendor: str,
+    product: str,
+    serial: str | None = None,
+    interface: str | None = None,
+) -> str:
+    """The AT port of a USB modem without probing (by interface or role); PortGoneError(why)."""
+    spec = MatchSpec("usb", vendor=vendor, product=product, serial=serial, interface=interface)
+    match = match_entry(spec, group(devices), {})
+    if match.port is None:
+        raise PortGoneError(f"usb {vendor}:{product}", match.why or "no such device")
+    return match.port
+
+
 def match_all(
     specs: Sequence[MatchSpec], devices: Sequence[ModemDevice], imeis: Mapping[str, str]
 ) -> dict[str, Match]:
@@ -375,35 +391,3 @@ def match_all(
             taken.add(match.device.key)
         out[spec.id] = match
     return out
-
-
-# ---- the outside world: holders and probes ----------------------------------------------------
-
-
-def holders(path: str, proc: str = "/proc") -> list[int]:
-    """Pids with this device open (any fd resolving to the same node); ours included."""
-    try:
-        target = os.path.realpath(path)
-    except OSError:
-        return []
-    pids: list[int] = []
-    try:
-        entries = os.listdir(proc)
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        fd_dir = f"{proc}/{entry}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue  # gone, or not ours to look at
-        for fd in fds:
-            try:
-                if os.readlink(f"{fd_dir}/{fd}") == target:
-                    pids.append(int(entry))
-                    break
-            except OSError:
-                continue
-    return pids

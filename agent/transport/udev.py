@@ -67,10 +67,6 @@ class DeviceEvent:
 class DeviceSource(Protocol):
     """Where devices come from: a snapshot, then the changes."""
 
-    #: Processes that provide the device nodes themselves (the emulator keeps its ptys open, as
-    #: the kernel does for a real tty): not counted as "another process holds the port".
-    owner_pids: frozenset[int]
-
     async def enumerate(self) -> list[UdevDevice]:
         """Every device of the followed subsystems present now."""
         ...
@@ -111,27 +107,31 @@ def _from_pyudev(dev: Any) -> UdevDevice:
     )
 
 
+def udev_devices(subsystems: Iterable[str] = SUBSYSTEMS) -> list[UdevDevice]:
+    """The host's devices of these subsystems now (synchronous); empty where udev is missing."""
+    try:
+        import pyudev
+
+        context = pyudev.Context()
+        out: list[UdevDevice] = []
+        for subsystem in subsystems:
+            out.extend(_from_pyudev(d) for d in context.list_devices(subsystem=subsystem))
+    except Exception as exc:  # no /run/udev in a container: no devices, not a failure
+        log.info("udev_unavailable", error=str(exc))
+        return []
+    return out
+
+
 class PyudevSource:
     """The host's udev: enumeration from its database, events from its netlink monitor."""
 
     def __init__(self, subsystems: Iterable[str] = SUBSYSTEMS) -> None:
         self.subsystems = tuple(subsystems)
-        self.owner_pids: frozenset[int] = frozenset()
         self._closed = asyncio.Event()
 
     async def enumerate(self) -> list[UdevDevice]:
         """Devices present now; empty (with a log line) where udev is not available."""
-        try:
-            import pyudev
-
-            context = pyudev.Context()
-            out: list[UdevDevice] = []
-            for subsystem in self.subsystems:
-                out.extend(_from_pyudev(d) for d in context.list_devices(subsystem=subsystem))
-        except Exception as exc:  # no /run/udev in a container: no devices, not a failure
-            log.info("udev_unavailable", error=str(exc))
-            return []
-        return out
+        return udev_devices(self.subsystems)
 
     async def events(self) -> AsyncIterator[DeviceEvent]:
         """Follow the udev monitor; ends at close() or when udev cannot be monitored."""
@@ -175,8 +175,7 @@ class PyudevSource:
 class FakeDeviceSource:
     """A source fed by hand: recorded udev properties in tests, the emulator's modems."""
 
-    def __init__(self, devices: Iterable[UdevDevice] = (), owner_pids: Iterable[int] = ()) -> None:
-        self.owner_pids = frozenset(owner_pids)
+    def __init__(self, devices: Iterable[UdevDevice] = ()) -> None:
         self._devices: dict[str, UdevDevice] = {d.devpath: d for d in devices}
         self._queues: list[asyncio.Queue[DeviceEvent | None]] = []
 
