@@ -230,7 +230,8 @@ class EmulatedModem:
             usb_product=self.cfg.usb_product,
             usb_serial=self.cfg.usb_serial,
             usb_interface=self.cfg.usb_interface,
-            netdev=self.cfg.netdev,
+            # in --net mode the modem has a real interface: that is what udev would report
+            netdev=self.cfg.netdev or (self.net.interface if self.net is not None else None),
         )
 
     def unplug(self, duration: float | None = None) -> None:
