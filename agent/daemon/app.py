@@ -24,6 +24,7 @@ from agent.daemon import sdnotify
 from agent.daemon.actuator import Actuator
 from agent.daemon.commands import CommandTable, DaemonCommands
 from agent.daemon.control import ControlError, ControlServer, DaemonAlreadyRunning
+from agent.daemon.devices import start_finder
 from agent.daemon.evidence import EvidenceFeeds, interface_of
 from agent.daemon.hooks import HookQueue
 from agent.daemon.liveness import session_bound, stalled
@@ -50,6 +51,7 @@ from agent.health.layer import LayerHealth as MonitorHealth
 from agent.health.layer import Thresholds
 from agent.health.monitor import LayerMonitor
 from agent.health.probes import Probe, probe_from_spec
+from agent.modem.finder import Finder
 from agent.mqtt.bridge import MqttBridge, MqttSettings
 from agent.mqtt.reach import settings_from_config
 from agent.policy.engine import (
@@ -124,6 +126,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.policy: PolicyState | None = None
         self.metering: Metering | None = None
+        #: Discovery (udev or the emulator's feed): finds usb/imei entries, follows hotplug.
+        self.finder: Finder | None = None
         #: (state, reason) per layer as last reported to the policy.
         self.fed: dict[str, tuple[str, str]] = {}
         self.publisher = StatePublisher(lambda: self.bridge)
@@ -209,6 +213,7 @@ class Daemon:
         # The socket first: a second daemon on it must stop before it touches any port.
         self.control = await self._open_control(cfg.control_socket)
         self.metering = await Metering.open(cfg, self.publisher, self.actuator.spawn)
+        self.finder = await start_finder(cfg.discovery)
         for mcfg in cfg.modems:
             self.sessions[mcfg.id] = self._new_session(cfg, mcfg.id)
         for layer in cfg.layers:
@@ -314,6 +319,8 @@ class Daemon:
         self.evidence.close()
         if self.metering is not None:
             await self.metering.close()
+        if self.finder is not None:
+            await self.finder.stop()
 
     def _alive(self) -> bool:
         if self._stop.is_set():
@@ -348,6 +355,8 @@ class Daemon:
             on_update=self._on_session_update,
             rollback_timeout=cfg.timers.rollback_timeout,
             on_poll=self._sample_usage,
+            finder=self.finder,
+            dbus_address=cfg.discovery.dbus_address,
         )
 
     def _new_monitor(

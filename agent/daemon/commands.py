@@ -157,6 +157,7 @@ class DaemonCommands:
                     "remove a notification",
                 ),
                 Command("modem_info", ModemArgs, self.modem_info, "the modem's last poll"),
+                Command("modems", NoArgs, self.modems, "what discovery sees (modem list)"),
             ]
         )
 
@@ -203,6 +204,18 @@ class DaemonCommands:
         )
 
     # ---- handlers ------------------------------------------------------------------------
+
+    async def modems(self, _: NoArgs) -> object:
+        """`esim-agent modem list --json` as the daemon sees it (it holds the ports)."""
+        from agent.daemon.devices import report
+        from agent.transport.modemmanager import modemmanager_running
+
+        d = self.d
+        in_use = {s.id: s.port for s in d.sessions.values() if s.online and s.port}
+        mm = await modemmanager_running(2.0, bus_address=d.cfg.discovery.dbus_address)
+        return report(
+            d.finder, d.cfg.modems, source=d.cfg.discovery.source, modemmanager=mm, in_use=in_use
+        )
 
     async def status(self, _: NoArgs) -> object:
         """Everything `esim-agent status --json` shows."""
