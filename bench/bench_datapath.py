@@ -40,9 +40,10 @@ Movers, each in its own lab, run concurrently so the slow baseline fits in the r
 Probe bytes (idle window, no traffic but the probes): the byte and packet counters of each
 modem's interface are read before and after the window and extrapolated to a day. veth counts
 the 14-byte Ethernet header of every frame (and ARP); a raw-IP wwan interface would not, so the
-IP-level figure (bytes - 14 x packets) is given beside it. IPv6 is switched off on the lab's
-interfaces (the layers are `pdp_type = "ip"`), so link-local chatter is not counted; ARP is (it
-is part of what an Ethernet-style modem interface costs). With the daemon, its CPU and RSS are
+probes' IPv4 bytes at IP level are counted apart by a packet socket on each interface (frame
+length - 14, per ethertype and direction), which also shows the ARP the counters include. IPv6
+is switched off on the lab's interfaces (the layers are `pdp_type = "ip"`), so link-local chatter
+is not on the wire. With the daemon, its CPU and RSS are
 sampled over the same window (bench_daemon's sampler), beside a bare asyncio interpreter.
 """
 
@@ -281,26 +282,77 @@ async def counters(ipr: AsyncIPRoute, ifname: str) -> dict[str, int]:
     return {k: int(stats[k]) for k in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
 
 
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+ETHERTYPES = {0x0800: "ipv4", 0x0806: "arp", 0x86DD: "ipv6"}
+
+
+class WireTally:
+    """Every frame on an interface, seen by a packet socket: frames and bytes per ethertype and
+    direction, so the probes' IPv4 bytes can be told from ARP (the counters cannot)."""
+
+    def __init__(self, ifname: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((ifname, 0))
+        self.sock.setblocking(False)
+        self.tally: dict[str, list[int]] = {}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data, addr = await loop.sock_recvfrom(self.sock, 65536)
+            kind = (
+                ETHERTYPES.get(int.from_bytes(data[12:14], "big"), "other")
+                if len(data) >= 14
+                else "other"
+            )
+            key = f"{kind}_{'tx' if addr[2] == PACKET_OUTGOING else 'rx'}"
+            frames_bytes = self.tally.setdefault(key, [0, 0])
+            frames_bytes[0] += 1
+            frames_bytes[1] += len(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 async def probe_bytes(ipr: AsyncIPRoute, layers: dict[str, Modem], window: float) -> dict[str, Any]:
-    """Counters of each layer's interface over an idle window, extrapolated to a day."""
-    before = {name: await counters(ipr, m.interface) for name, m in layers.items()}
-    start = time.monotonic()
-    await asyncio.sleep(window)
-    elapsed = time.monotonic() - start
+    """Counters and a packet-socket tally of each layer's interface over an idle window,
+    extrapolated to a day."""
+    tallies = {name: WireTally(m.interface) for name, m in layers.items()}
+    tasks = [asyncio.create_task(t.run()) for t in tallies.values()]
+    try:
+        before = {name: await counters(ipr, m.interface) for name, m in layers.items()}
+        start = time.monotonic()
+        await asyncio.sleep(window)
+        elapsed = time.monotonic() - start
+        after = {name: await counters(ipr, m.interface) for name, m in layers.items()}
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for t in tallies.values():
+            t.close()
+    scale = SECONDS_PER_DAY / elapsed
     out: dict[str, Any] = {"window_s": round(elapsed, 2)}
     for name, m in layers.items():
-        after = await counters(ipr, m.interface)
-        d = {k: after[k] - before[name][k] for k in after}
+        d = {k: after[name][k] - before[name][k] for k in after[name]}
         wire = d["rx_bytes"] + d["tx_bytes"]
-        packets = d["rx_packets"] + d["tx_packets"]
-        ip_level = wire - ETHERNET_HEADER * packets
-        scale = SECONDS_PER_DAY / elapsed
+        frames = d["rx_packets"] + d["tx_packets"]
+        tally = tallies[name].tally
+        ipv4 = [tally.get(f"ipv4_{x}", [0, 0]) for x in ("tx", "rx")]
+        ipv4_frames = sum(f for f, _ in ipv4)
+        ipv4_ip_bytes = sum(b for _, b in ipv4) - ETHERNET_HEADER * ipv4_frames
         out[name] = {
             "interface": m.interface,
-            **d,
+            "counters": d,
+            "frames_by_kind": {
+                k: {"frames": v[0], "bytes": v[1]} for k, v in sorted(tally.items())
+            },
             "wire_bytes_per_day": round(wire * scale),
-            "ip_bytes_per_day": round(ip_level * scale),
-            "packets_per_day": round(packets * scale),
+            "frames_per_day": round(frames * scale),
+            "ipv4_frames": ipv4_frames,
+            "ipv4_ip_bytes": ipv4_ip_bytes,
+            "ipv4_ip_bytes_per_day": round(ipv4_ip_bytes * scale),
         }
     return out
 

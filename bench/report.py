@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.report_datapath import section_datapath
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-NAMES = ("at", "euicc", "mqtt", "detect", "failover", "daemon", "watch")
+NAMES = ("at", "euicc", "mqtt", "detect", "failover", "daemon", "watch", "datapath")
 
 Result = dict[str, Any]
 
@@ -461,6 +463,7 @@ SECTIONS = {
     "failover": section_failover,
     "daemon": section_daemon,
     "watch": section_watch,
+    "datapath": section_datapath,
 }
 
 
