@@ -101,6 +101,8 @@ CONNECT_EVERY_S = 0.05
 CONNECT_TIMEOUT_S = 2.0
 ROUND_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 90.0
+#: The daemon puts the primary's route in place within seconds of starting, or not at all.
+DAEMON_ROUTE_TIMEOUT_S = 45.0
 ETHERNET_HEADER = 14
 SECONDS_PER_DAY = 86_400
 #: Shortened for the daemon so rounds can follow each other; neither acts on the failover.
@@ -620,7 +622,7 @@ async def daemon_rounds(
     rows: list[dict[str, Any]] = []
     ipr = AsyncIPRoute()
     try:
-        await wait_route(ipr, RT_PROTO_AGENT, primary.interface, SETTLE_TIMEOUT_S)
+        await wait_route(ipr, RT_PROTO_AGENT, primary.interface, DAEMON_ROUTE_TIMEOUT_S)
         # Both layers' probes running before the idle window: one full cadence.
         await asyncio.sleep(2 * interval)
         bare = await asyncio.create_subprocess_exec(
@@ -828,7 +830,9 @@ async def orchestrate(rounds: int, baseline_labs: int, window: float, agent: str
                 return_exceptions=True,
             )
             agent_result = results[0]
+            fallback: str | None = None
             if isinstance(agent_result, BaseException) and agent == "auto":
+                fallback = f"the daemon put no route in place ({agent_result})"
                 print(
                     f"daemon mover failed ({agent_result}); in-process parts instead",
                     file=sys.stderr,
@@ -856,6 +860,7 @@ async def orchestrate(rounds: int, baseline_labs: int, window: float, agent: str
         "connection to 198.19.0.1:7 from the failover's address, seen by its operator",
         "rounds": rounds,
         "agent_mover": agent_kind,
+        "agent_mover_fallback": fallback,
         "agent": {**summarise(agent_result["rounds"]), "config": agent_result.get("config")},
         "baseline_mwan3track": {
             **summarise(mwan3_rows),
