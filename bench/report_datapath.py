@@ -108,10 +108,23 @@ def section_datapath(r: Result) -> list[str]:
             "",
             "The arithmetic (docs/health.md): an ICMP round is 28 B out and 28 B back at IP level",
             "(56 B; 84 B as Ethernet frames); 17,280 rounds a day at 5 s: **967,680 B** at IP",
-            "level, 1,451,520 B as frames. A raw-IP wwan interface (MBIM, QMI) carries the IP",
-            "figure; an Ethernet-style one (NCM, ECM, RNDIS) the frames plus ARP, as the counters",
-            "column shows. Traffic-aware skips (none here: the link is idle) only lower it.",
+            "level, 1,451,520 B as frames. On an Ethernet-style modem interface (NCM, ECM, RNDIS)",
+            "the host also sends frame headers and ARP, as the counters column shows, but those",
+            "stay on the USB link (the modem answers ARP itself); the operator carries and bills",
+            "IP packets, so the IP-level column is what probing costs on the data plan (a raw-IP",
+            "interface, MBIM or QMI, carries nothing else).",
         ]
+        window = pb.get("window_s") or 0.0
+        rounds = ((pb.get("primary") or {}).get("ipv4_frames") or 0) // 2
+        if window:
+            out += [
+                "",
+                f"Measured: {rounds} ICMP rounds on the primary in {_fmt(window)} s, against "
+                f"{round(window / 5.0)} at a fixed 5 s. The traffic-aware rule lets small received "
+                "amounts add up until they reach `traffic_min_bytes` (1 KiB), so on an idle link "
+                "the probes' own replies and ARP skip about one round in twenty; the measured "
+                "day is therefore a little below the arithmetic.",
+            ]
     idle = r.get("idle_cost")
     if idle:
         d = idle.get("daemon") or {}
