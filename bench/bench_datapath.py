@@ -798,6 +798,16 @@ async def run_worker(
     return result
 
 
+def code_commit() -> str | None:
+    """The commit of the code measured: BENCH_AGENT_COMMIT (a tree without .git), else HEAD."""
+    if os.environ.get("BENCH_AGENT_COMMIT"):
+        return os.environ["BENCH_AGENT_COMMIT"]
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or None
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "route": summary_ms([r["route_ms"] for r in rows]),
@@ -861,6 +871,7 @@ async def orchestrate(rounds: int, baseline_labs: int, window: float, agent: str
         "rounds": rounds,
         "agent_mover": agent_kind,
         "agent_mover_fallback": fallback,
+        "agent_commit": code_commit(),
         "agent": {**summarise(agent_result["rounds"]), "config": agent_result.get("config")},
         "baseline_mwan3track": {
             **summarise(mwan3_rows),

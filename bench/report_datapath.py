@@ -56,7 +56,12 @@ def section_datapath(r: Result) -> list[str]:
         "",
         "Agent, at the shipped detection defaults (one ICMP probe a layer, interval 5 s,",
         "timeout 1 s; down after 3 failed rounds, confirmations every 0.5 s; modem poll 30 s):",
-        f"{MOVERS.get(str(r.get('agent_mover')), str(r.get('agent_mover')))}.",
+        f"{MOVERS.get(str(r.get('agent_mover')), str(r.get('agent_mover')))}"
+        + (
+            f" (code measured: commit `{str(r['agent_commit'])[:12]}`)."
+            if r.get("agent_commit")
+            else "."
+        ),
         "",
         "| upstream cut → … | n | p50 ms | p95 ms | max ms |",
         "| --- | --- | --- | --- | --- |",
