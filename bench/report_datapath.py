@@ -7,7 +7,7 @@ from typing import Any
 Result = dict[str, Any]
 
 MOVERS = {
-    "daemon": "`esim-agent run` (the daemon moves the route)",
+    "daemon": "`esim-agent run`, which moves the route itself",
     "inprocess": "the agent's parts in the bench's process (`DataPath` + a `LayerMonitor` per "
     "layer; the bench switches on the primary's `down`): the daemon did not drive the data "
     "path when this was run",
@@ -22,6 +22,12 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def _commit(text: str) -> str:
+    """`abbreviated hash` and whatever note follows the hash."""
+    sha, _, note = text.partition(" ")
+    return f"commit `{sha[:12]}`" + (f" {note}" if note else "")
 
 
 def _row(label: str, s: dict[str, Any] | None) -> str:
@@ -58,7 +64,7 @@ def section_datapath(r: Result) -> list[str]:
         "timeout 1 s; down after 3 failed rounds, confirmations every 0.5 s; modem poll 30 s):",
         f"{MOVERS.get(str(r.get('agent_mover')), str(r.get('agent_mover')))}"
         + (
-            f" (code measured: commit `{str(r['agent_commit'])[:12]}`)."
+            f" (code measured: {_commit(str(r['agent_commit']))})."
             if r.get("agent_commit")
             else "."
         ),
