@@ -15,13 +15,15 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from agent.config import ModemConfig
+from agent.check.system import modemmanager_item
+from agent.config import Config, ModemConfig, parse_config
 from agent.daemon.session import ModemSession
 from agent.euicc.lpa import Lpa
 from agent.modem.finder import Finder
 from agent.transport.modemmanager import (
     MM_NAME,
     ModemManagerError,
+    ignored_by_modemmanager,
     inhibited,
     modemmanager_running,
 )
@@ -229,3 +231,57 @@ async def test_shared_modem_is_inhibited_around_euicc_work_only(
             await session.modem.close()
         await finder.stop()
         await asyncio.to_thread(emu.stop)
+
+
+# ------------------------------------------------------------------ the pre-travel check item
+
+
+def _cfg(shared: bool) -> Config:
+    return parse_config(
+        {
+            "device_id": "t",
+            "modems": [{"id": "m0", "port": "/dev/null", "share_with_modemmanager": shared}],
+            "layers": [
+                {
+                    "name": "primary",
+                    "role": "primary",
+                    "modem": "m0",
+                    "profile": "8944000000000000011",
+                }
+            ],
+        }
+    )
+
+
+async def test_check_passes_without_a_bus_or_without_modemmanager(
+    tmp_path: os.PathLike[str], bus_address: str
+) -> None:
+    no_bus = await modemmanager_item(
+        _cfg(False), {"m0": "/dev/pts/0"}, bus_address=f"unix:path={tmp_path}/none"
+    )
+    assert (no_bus.status, "D-Bus" in no_bus.detail) == ("pass", True)
+    idle = await modemmanager_item(_cfg(False), {"m0": "/dev/pts/0"}, bus_address=bus_address)
+    assert (idle.status, idle.detail) == ("pass", "ModemManager is not running")
+
+
+async def test_check_fails_when_modemmanager_may_take_a_port(
+    fake_mm: FakeModemManager, bus_address: str
+) -> None:
+    ports: dict[str, str | None] = {"m0": "/dev/pts/0"}
+    exposed = await modemmanager_item(_cfg(False), ports, bus_address=bus_address)
+    assert exposed.status == "fail"
+    assert "m0 (/dev/pts/0)" in exposed.detail
+    assert exposed.fix is not None
+    assert "70-esim-agent.rules" in exposed.fix
+    ruled = await modemmanager_item(
+        _cfg(False), ports, bus_address=bus_address, ignored=lambda port: True
+    )
+    assert ruled.status == "pass"
+    shared = await modemmanager_item(_cfg(True), ports, bus_address=bus_address)
+    assert shared.status == "pass"
+    assert "m0 shared" in shared.detail
+
+
+def test_a_port_udev_does_not_know_is_not_ignored() -> None:
+    assert ignored_by_modemmanager("/dev/null") is False
+    assert ignored_by_modemmanager("/nonexistent/port") is False

@@ -63,6 +63,8 @@ async def run_check(
         seen, probes = await observe_direct(cfg)
     progress("reaching the broker")
     broker = await system.broker_item(cfg, config_path)
+    progress("asking D-Bus about ModemManager")
+    modemmanager = await system.modemmanager_item(cfg, ports)
     items = [
         item("config", "pass", f"{len(cfg.modems)} modem(s), {len(cfg.layers)} layer(s)"),
         *_modem_items(cfg, seen, probes),
@@ -70,7 +72,7 @@ async def run_check(
         broker,
         system.clock_item(),
         ports_item,
-        system.modemmanager_item(ports),
+        modemmanager,
     ]
     return make_report(config_path, via, items)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from agent.check.evaluate import item
 from agent.check.report import CheckItem
 from agent.config import Config
 from agent.mqtt.reach import BrokerUnreachable, check_broker, settings_from_config
+from agent.transport.modemmanager import ignored_by_modemmanager, modemmanager_running
 from agent.transport.owners import port_holders
 
 #: Nothing this agent runs on can be older than its own release: a clock before this is unset.
@@ -18,6 +19,7 @@ CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
 CLOCK_CEILING = datetime(2100, 1, 1, tzinfo=UTC)
 TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
 BROKER_TIMEOUT_S = 10.0
+MM_TIMEOUT_S = 3.0
 
 
 def clock_item(now: float | None = None) -> CheckItem:
@@ -64,13 +66,39 @@ def ports_item(ports: dict[str, str | None], allowed: Iterable[int] = ()) -> Che
     return item("ports", "pass", f"{len(checked)} port(s) free of other owners{held}")
 
 
-def modemmanager_item(ports: dict[str, str | None]) -> CheckItem:
-    """ModemManager leaves our ports alone."""
+async def modemmanager_item(
+    cfg: Config,
+    ports: dict[str, str | None],
+    *,
+    bus_address: str | None = None,
+    ignored: Callable[[str], bool] = ignored_by_modemmanager,
+) -> CheckItem:
+    """ModemManager, when it runs, leaves our ports alone (udev rule) or shares them with us
+    (share_with_modemmanager: inhibited around eUICC work)."""
+    running = await modemmanager_running(MM_TIMEOUT_S, bus_address=bus_address)
+    if running is None:
+        return item("modemmanager", "pass", "no system D-Bus answers: ModemManager cannot run")
+    if not running:
+        return item("modemmanager", "pass", "ModemManager is not running")
+    shared = {m.id for m in cfg.modems if m.share_with_modemmanager}
+    exposed = [
+        f"{modem} ({port})"
+        for modem, port in sorted(ports.items())
+        if port is not None and modem not in shared and not ignored(port)
+    ]
+    if exposed:
+        return item(
+            "modemmanager",
+            "fail",
+            "ModemManager runs and may take " + ", ".join(exposed),
+            "install systemd/70-esim-agent.rules (ID_MM_PORT_IGNORE or ID_MM_DEVICE_IGNORE, "
+            "docs/discovery.md) and reload udev, or set share_with_modemmanager = true",
+        )
+    how = [f"{m} shared (inhibited around eUICC work)" for m in sorted(shared & set(ports))]
     return item(
         "modemmanager",
-        "skip",
-        "not yet checked: this version cannot ask ModemManager which ports it uses; the udev "
-        "rule in systemd/70-esim-agent.rules tells it to leave the agent's ports alone",
+        "pass",
+        "ModemManager runs and leaves our ports alone" + (f"; {', '.join(how)}" if how else ""),
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import structlog
 from dbus_fast import BusType, Message, MessageType
@@ -116,3 +118,24 @@ async def inhibited(
                 log.warning("modemmanager_release_failed", uid=uid, error=str(exc))
     finally:
         bus.disconnect()
+
+
+#: udev properties by which ModemManager leaves a port, or a whole device, alone.
+MM_IGNORE_PROPERTIES = ("ID_MM_PORT_IGNORE", "ID_MM_DEVICE_IGNORE")
+
+
+def ignored_by_modemmanager(port: str) -> bool:
+    """Whether udev tells ModemManager to leave this port alone (the port's own properties or
+    its parents', where ID_MM_DEVICE_IGNORE is usually set). False when udev does not know it."""
+    try:
+        import pyudev
+
+        context = pyudev.Context()
+        device: Any = pyudev.Devices.from_device_file(context, str(Path(port).resolve()))
+    except Exception:  # not a device node udev knows (a pty, a missing file): nothing set
+        return False
+    while device is not None:
+        if any(device.properties.get(key) == "1" for key in MM_IGNORE_PROPERTIES):
+            return True
+        device = device.parent
+    return False
