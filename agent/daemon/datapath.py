@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from agent.config import Config, LayerConfig
+from agent.daemon.evidence import interface_of
 from agent.health.probes import LinkBinding
 from agent.modem.dataconn import (
     Channel,
@@ -64,8 +65,7 @@ class DataPath:
         self._bindings = {layer.name: LinkBinding() for layer in cfg.layers}
         self._modems: dict[str, _ModemLink] = {}
         for m in cfg.modems:
-            ifname = None if m.interface in ("auto", "none") else m.interface
-            self._modems[m.id] = _ModemLink(modem_id=m.id, interface=ifname)
+            self._modems[m.id] = _ModemLink(modem_id=m.id, interface=interface_of(m))
         self._lock = asyncio.Lock()
         self._active: str | None = None
         #: Set after every change of a link's state has been carried out (for publishers).
@@ -75,25 +75,38 @@ class DataPath:
     async def open(cls, cfg: Config, base_dir: Path | None = None) -> DataPath:
         """Open netlink, sweep what a crashed run left, and hold per-layer state.
 
-        Without any modem interface in the config (loopback emulator, `interface = "none"`)
-        netlink is not touched at all and probes stay unbound.
+        Without any modem interface named in the config (loopback emulator, `interface =
+        "none"`, "auto" before discovery found one) netlink is not touched at all and probes
+        stay unbound; `attach_netlink()` opens it once discovery names an interface.
         """
-        wants_netlink = any(m.interface != "none" for m in cfg.modems)
+        dp = cls(cfg, None, None, base_dir)
+        if any(interface_of(m) is not None for m in cfg.modems):
+            await dp.attach_netlink()
+        return dp
+
+    async def attach_netlink(self) -> bool:
+        """Open netlink and sweep (once); False when it cannot be had (no CAP_NET_ADMIN)."""
+        if self.routes is not None:
+            return True
         routes: RouteManager | None = None
-        addresser: InterfaceAddresses | None = None
-        if wants_netlink:
-            try:
-                routes = await RouteManager.open([layer.name for layer in cfg.layers])
-                swept = await routes.sweep_stale()
-                addresser = InterfaceAddresses.open()
-                log.info("datapath.open", swept=swept)
-            except RouteError as exc:
-                # No CAP_NET_ADMIN (or no netlink): probes still run, bound where possible.
-                log.warning("datapath.no_netlink", error=str(exc))
-                if routes is not None:
-                    await routes.close(clean=False)
-                routes, addresser = None, None
-        return cls(cfg, routes, addresser, base_dir)
+        try:
+            routes = await RouteManager.open([layer.name for layer in self.cfg.layers])
+            swept = await routes.sweep_stale()
+            self.addresser = InterfaceAddresses.open()
+            log.info("datapath.open", swept=swept)
+        except RouteError as exc:
+            # No CAP_NET_ADMIN (or no netlink): probes still run, bound where possible.
+            log.warning("datapath.no_netlink", error=str(exc))
+            if routes is not None:
+                await routes.close(clean=False)
+            return False
+        self.routes = routes
+        for link in self._modems.values():
+            for layer in self._layers_of(link.modem_id):
+                self._bindings[layer.name].fwmark = (
+                    self._fwmark(layer.name) if link.interface else None
+                )
+        return True
 
     # ----------------------------------------------------------------------- wiring points
 
