@@ -49,13 +49,15 @@ class Operator(msgspec.Struct, kw_only=True):
 
 
 class ModemInfo(msgspec.Struct, kw_only=True):
-    """`esim-agent modem info --json`: keys identity, sim, signal, registration, operator."""
+    """`esim-agent modem info --json`: keys identity, sim, signal, registration, operator and
+    interface (the modem's network interface; not read over AT, so the driver leaves it None)."""
 
     identity: Identity = msgspec.field(default_factory=Identity)
     sim: SimStatus = msgspec.field(default_factory=SimStatus)
     signal: Signal = msgspec.field(default_factory=Signal)
     registration: Registration = msgspec.field(default_factory=Registration)
     operator: Operator = msgspec.field(default_factory=Operator)
+    interface: str | None = None
 
 
 class ScannedOperator(msgspec.Struct, kw_only=True):

@@ -58,7 +58,8 @@ def test_info_json_for_every_personality(vendor_emu: EmulatorHandle) -> None:
     status = vendor_emu.status()
     data = info_json(vendor_emu.port)
 
-    assert set(data) == {"identity", "sim", "signal", "registration", "operator"}
+    assert set(data) == {"identity", "sim", "signal", "registration", "operator", "interface"}
+    assert data["interface"] is None  # a pty: no USB device, no network function
     ident = data["identity"]
     assert ident["imei"] is not None
     assert len(ident["imei"]) == 15

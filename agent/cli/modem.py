@@ -9,12 +9,15 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import msgspec
+
 from agent.cli.args import add_vendor, positive_seconds
 from agent.cli.output import error, print_json, print_sections, print_table
 from agent.cli.port import cli_modem, describe
 from agent.cli.progress import spinner
 from agent.errors import AgentError
 from agent.models import ModemInfo, ScanResult
+from agent.net.netdev import interface_of_port
 
 EXIT_RUNTIME = 1
 EX_CONFIG = 78
@@ -77,7 +80,8 @@ def _run(args: argparse.Namespace, work: Coroutine[Any, Any, T]) -> T | None:
 
 async def _read_info(port: str, vendor: str) -> ModemInfo:
     async with cli_modem(port, vendor) as modem:
-        return await modem.info()
+        info = await modem.info()
+    return msgspec.structs.replace(info, interface=interface_of_port(port))
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -136,6 +140,7 @@ def render_info(info: ModemInfo) -> None:
                 ],
             ),
             ("Operator", [("name", o.name), ("mcc_mnc", o.mcc_mnc)]),
+            ("Network", [("interface", info.interface)]),
         ]
     )
 

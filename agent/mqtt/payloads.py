@@ -41,12 +41,14 @@ class DeviceState(msgspec.Struct, kw_only=True):
 
 
 class ModemState(msgspec.Struct, kw_only=True):
-    """`<base>/<device>/modems/<modem_id>`: the ModemInfo fields plus id, port, online and eid."""
+    """`<base>/<device>/modems/<modem_id>`: the ModemInfo fields plus id, port, online, eid and
+    the modem's network interface (null when it has none)."""
 
     id: str
     port: str | None = None
     online: bool = False
     eid: str | None = None
+    interface: str | None = None
     identity: Identity = msgspec.field(default_factory=Identity)
     sim: SimStatus = msgspec.field(default_factory=SimStatus)
     signal: Signal = msgspec.field(default_factory=Signal)
@@ -56,7 +58,14 @@ class ModemState(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_info(
-        cls, modem_id: str, info: ModemInfo, *, port: str | None, online: bool, eid: str | None
+        cls,
+        modem_id: str,
+        info: ModemInfo,
+        *,
+        port: str | None,
+        online: bool,
+        eid: str | None,
+        interface: str | None = None,
     ) -> ModemState:
         """Build the retained modem record from a driver's ModemInfo.
 
@@ -64,12 +73,20 @@ class ModemState(msgspec.Struct, kw_only=True):
         operator are nulled, so nobody reads the last signal of an unplugged modem as current.
         """
         if not online:
-            return cls(id=modem_id, port=port, online=False, eid=eid, identity=info.identity)
+            return cls(
+                id=modem_id,
+                port=port,
+                online=False,
+                eid=eid,
+                interface=interface,
+                identity=info.identity,
+            )
         return cls(
             id=modem_id,
             port=port,
             online=online,
             eid=eid,
+            interface=interface,
             identity=info.identity,
             sim=info.sim,
             signal=info.signal,
