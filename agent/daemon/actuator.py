@@ -110,6 +110,15 @@ class Actuator:
 
         return probe
 
+    def switch_probe(
+        self, session: ModemSession, profile: str
+    ) -> Callable[[], Awaitable[bool]] | None:
+        """probe_fn, and with a data path the new profile's context brought up first."""
+        check = self.probe_fn(profile)
+        if self.d.datalinks is None:
+            return check
+        return self.d.datalinks.switch_probe(session.id, profile, check)
+
     async def activate(self, action: ActivateLayer) -> None:
         """Carry out an ActivateLayer; always answers the policy with exactly one SwitchDone."""
         d = self.d
@@ -129,8 +138,12 @@ class Actuator:
                 raise AgentError(f"modem {session.id} is offline")
             if session.enabled_iccid != layer.profile:
                 await d.before_switch(session)
-                report = await session.safe_switch(layer.profile, self.probe_fn(layer.profile))
+                report = await session.safe_switch(
+                    layer.profile, self.switch_probe(session, layer.profile)
+                )
                 switched = True
+                if d.datalinks is not None:
+                    d.datalinks.switched(session)
                 log.info(
                     "layer_switch_report",
                     layer=layer.name,
@@ -147,6 +160,9 @@ class Actuator:
                 health = await monitor.check_once()
                 if health.state in ("up", "degraded"):
                     ok = True
+                    if d.datalinks is not None:
+                        # Verified over its own link: now traffic follows it.
+                        await d.datalinks.set_active(layer.name)
                     break
                 if time.monotonic() >= deadline:
                     reason = f"not verified: {health.reason}"
@@ -191,7 +207,10 @@ class Actuator:
         try:
             if session.enabled_iccid != iccid:
                 await self.d.before_switch(session)
-            return await session.safe_switch(iccid, self.probe_fn(iccid))
+            report = await session.safe_switch(iccid, self.switch_probe(session, iccid))
+            if self.d.datalinks is not None:
+                self.d.datalinks.switched(session)
+            return report
         except AgentError as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("profile_switch_interrupted", modem=session.id, to=iccid, error=error)

@@ -24,8 +24,9 @@ from agent.daemon import sdnotify
 from agent.daemon.actuator import Actuator
 from agent.daemon.commands import CommandTable, DaemonCommands
 from agent.daemon.control import ControlError, ControlServer, DaemonAlreadyRunning
+from agent.daemon.datalinks import DataLinks
 from agent.daemon.devices import start_finder
-from agent.daemon.evidence import EvidenceFeeds, interface_of
+from agent.daemon.evidence import EvidenceFeeds
 from agent.daemon.hooks import HookQueue
 from agent.daemon.liveness import session_bound, stalled
 from agent.daemon.metering import Metering
@@ -47,10 +48,11 @@ from agent.daemon.supervisor import Supervisor
 from agent.daemon.timeline import Timeline, describe
 from agent.errors import ConfigError
 from agent.euicc.switch import SwitchReport
+from agent.health.detect import Evidence
 from agent.health.layer import LayerHealth as MonitorHealth
 from agent.health.layer import Thresholds
 from agent.health.monitor import LayerMonitor
-from agent.health.probes import Probe, probe_from_spec
+from agent.health.probes import LinkBinding, Probe, probe_from_spec
 from agent.modem.finder import Finder
 from agent.mqtt.bridge import MqttBridge, MqttSettings
 from agent.mqtt.reach import settings_from_config
@@ -130,7 +132,9 @@ class Daemon:
         self.finder: Finder | None = None
         #: (state, reason) per layer as last reported to the policy.
         self.fed: dict[str, tuple[str, str]] = {}
-        self.publisher = StatePublisher(lambda: self.bridge)
+        #: The data path: interfaces, data connections, routes, probe bindings (network.md).
+        self.datalinks: DataLinks | None = None
+        self.publisher = StatePublisher(lambda: self.bridge, self.interface)
         self.hooks = HookQueue()
         self.timeline = Timeline(
             self.publisher.event,
@@ -148,6 +152,7 @@ class Daemon:
                 if x.modem == m and x.name in self.monitors
             ]
         )
+        self.evidence.listeners.append(self._on_evidence)
         self.commands: CommandTable = DaemonCommands(self).table()
         self._events: asyncio.Queue[PolicyEvent] = asyncio.Queue()
         self._policy_open = False
@@ -214,6 +219,11 @@ class Daemon:
         self.control = await self._open_control(cfg.control_socket)
         self.metering = await Metering.open(cfg, self.publisher, self.actuator.spawn)
         self.finder = await start_finder(cfg.discovery)
+        # Before the probes are built (they bind to their layer's link); sweeps what a killed
+        # run left in the kernel. Never opens netlink when no modem has an interface.
+        self.datalinks = await DataLinks.open(
+            cfg, self.supervisor, Path(self.config_path).parent if self.config_path else None
+        )
         for mcfg in cfg.modems:
             self.sessions[mcfg.id] = self._new_session(cfg, mcfg.id)
         for layer in cfg.layers:
@@ -317,6 +327,9 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         self.evidence.close()
+        if self.datalinks is not None:
+            # Every route, rule and address the agent added goes with it.
+            await self.datalinks.close(clean=True)
         if self.metering is not None:
             await self.metering.close()
         if self.finder is not None:
@@ -370,11 +383,12 @@ class Daemon:
             up_after=h.up_after,
             degraded_ratio=h.degraded_ratio,
         )
+        link = self._binding(layer.name)
         probes = [
-            (f"{p.kind}{i}", probe_from_spec(p.kind, p.target, p.timeout), p.interval)
+            (f"{p.kind}{i}", probe_from_spec(p.kind, p.target, p.timeout, link), p.interval)
             for i, p in enumerate(layer.probes)
         ]
-        ifname = interface_of(cfg.modem(layer.modem))
+        ifname = self.interface(layer.modem)
         monitor = LayerMonitor(
             layer.name,
             probes,
@@ -385,16 +399,45 @@ class Daemon:
             failure_interval=h.failure_interval,
             traffic_aware=h.traffic_aware,
             probe_budget=h.probe_budget,
-            counters=self.evidence.counters_source(ifname) if ifname is not None else None,
+            counters=self.evidence.counters_source(lambda: self.interface(layer.modem))
+            if ifname is not None or cfg.modem(layer.modem).interface == "auto"
+            else None,
         )
         monitor.probe_gate = self._gate(layer.modem, layer.profile)
         return monitor, probes
 
     def _start_links(self, modem_id: str) -> None:
         """Carrier and address events of the modem's network interface, when it names one."""
-        ifname = interface_of(self.cfg.modem(modem_id))
+        ifname = self.interface(modem_id)
         if ifname is not None:
             self.supervisor.start(f"links-{modem_id}", self.evidence.link_task(modem_id, ifname))
+
+    def interface(self, modem_id: str) -> str | None:
+        """The modem's network interface: one answer for probes, counters, usage, status."""
+        if self.datalinks is None or modem_id not in self.datalinks.datapath.modems():
+            return None
+        return self.datalinks.interface(modem_id)
+
+    def link_status(self, layer: str) -> dict[str, object]:
+        """A layer's `interface`, `addresses`, default-route `metric`, `default` and `data`."""
+        if self.datalinks is None or layer not in self.datalinks.datapath.layers():
+            return {
+                "interface": None,
+                "addresses": [],
+                "metric": None,
+                "default": False,
+                "data": None,
+            }
+        return self.datalinks.layer_status(layer)
+
+    def _binding(self, layer: str) -> LinkBinding | None:
+        if self.datalinks is None or layer not in self.datalinks.datapath.layers():
+            return None  # a layer a reload added: unbound until the next start
+        return self.datalinks.binding(layer)
+
+    def _on_evidence(self, modem_id: str, ev: Evidence) -> None:
+        if self.datalinks is not None:
+            self.datalinks.evidence(modem_id, ev)
 
     def _new_bridge(self, cfg: Config) -> MqttBridge:
         bridge = MqttBridge(self._mqtt_settings(cfg), cfg.device_id, self.commands.mqtt)
@@ -565,7 +608,7 @@ class Daemon:
                 for x in self.cfg.layers
                 if x.modem == session.id and x.name in self.monitors
             ]
-            await self.metering.sample(session, monitors)
+            await self.metering.sample(session, monitors, self.interface(session.id))
 
     def _on_sibling(self, topic: str, payload: bytes) -> None:
         if self.metering is not None:
@@ -616,6 +659,8 @@ class Daemon:
             return  # a session a reload replaced, reporting on its way out
         if session.modem is not None:
             self.evidence.watch_channel(session.id, session.modem.channel)
+        if self.datalinks is not None and session.id in self.datalinks.datapath.modems():
+            self.actuator.spawn(f"datalink-{session.id}", self.datalinks.follow(session))
         for layer in self.cfg.layers:
             if layer.modem == session.id and layer.name in self.monitors:
                 self.monitors[layer.name].update_signals(session.signals())

@@ -242,12 +242,15 @@ class DaemonCommands:
                     "probe_usage": d.metering.tracker.probe_snapshot(layer.name)
                     if d.metering is not None
                     else None,
+                    # interface, addresses, metric, default, data (docs/network.md)
+                    **d.link_status(layer.name),
                 }
             )
         modems = []
         for s in d.sessions.values():
             entry = s.summary()
-            entry["info"] = msgspec.to_builtins(s.info) if s.info is not None else None
+            entry["interface"] = d.interface(s.id)
+            entry["info"] = self._info(s)
             entry["profiles"] = msgspec.to_builtins(s.profiles)
             modems.append(entry)
         return {
@@ -364,4 +367,11 @@ class DaemonCommands:
         """The modem's last poll (and ask for a fresh one)."""
         session = self.session(args.modem)
         session.poll_soon()
-        return msgspec.to_builtins(session.info)
+        return self._info(session)
+
+    def _info(self, session: ModemSession) -> object:
+        """`modem info`'s keys, with the modem's network interface."""
+        if session.info is None:
+            return None
+        info = msgspec.structs.replace(session.info, interface=self.d.interface(session.id))
+        return msgspec.to_builtins(info)

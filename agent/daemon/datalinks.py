@@ -5,8 +5,9 @@ The DataPath (agent/daemon/datapath.py) does the work; this module only follows 
 
     links = await DataLinks.open(cfg, supervisor, base_dir)   # before the probes are built
     probe_from_spec(kind, target, timeout, links.binding(layer.name))
-    links.follow(session)              # on every session update: start/stop the data task
-    links.switched(session)            # after a profile switch: re-create the context
+    await links.follow(session)        # on every session update: start/stop the data task
+    links.switch_probe(modem, profile, check)   # safe_switch's verify: new context, then check
+    links.switched(session)            # after a profile switch: follow the profile it runs
     await links.set_active(layer)      # once the policy's choice is verified
     links.layer_status(layer)          # interface, addresses, metric, default, data
     links.evidence(modem, ev)          # carrier/context loss seen elsewhere
@@ -19,6 +20,8 @@ nothing) gets no data task and no netlink: it behaves exactly as it did before t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -31,9 +34,14 @@ from agent.daemon.supervisor import Supervisor
 from agent.health.detect import Evidence
 from agent.health.probes import LinkBinding
 from agent.modem.vendors import VendorProfile
+from agent.net.netdev import interface_of_port
 
 log = structlog.get_logger(__name__)
 
+#: How long a switch's verify step waits for the new context to carry traffic.
+DATA_UP_TIMEOUT_S = 30.0
+#: Re-check at least this often while waiting (also woken by every data-path change).
+RECHECK_S = 0.5
 #: Bound on taking the data connections down at a clean stop.
 STOP_TIMEOUT_S = 10.0
 #: Evidence after which the modem's context is checked at once instead of at the next poll.
@@ -50,6 +58,7 @@ class Session(Protocol):
 
     id: str
     online: bool
+    port: str | None
 
     @property
     def modem(self) -> _Modem | None: ...
@@ -113,9 +122,16 @@ class DataLinks:
             self.datapath.set_interface(modem_id, ifname)
             log.info("datapath.interface", modem=modem_id, interface=ifname)
 
-    def follow(self, session: Session) -> None:
+    async def follow(self, session: Session) -> None:
         """Start the modem's data task when it is online (again, on a new channel), stop it
-        when it goes offline. Call on every session update."""
+        when it goes offline. Call on every session update. With `interface = "auto"` the
+        interface is looked up first: discovery's finding (`session.netdev`) when the session
+        has one, else the network child of the AT port's device in sysfs."""
+        if self.cfg.modem(session.id).interface == "auto" and session.online:
+            found = getattr(session, "netdev", None)
+            if found is None and session.port is not None:
+                found = interface_of_port(session.port)
+            await self.set_interface(session.id, found)
         modem = session.modem
         running = self._running.get(session.id)
         if not session.online or modem is None or self.interface(session.id) is None:
@@ -140,15 +156,52 @@ class DataLinks:
         self.supervisor.start(name, run)
         log.info("datapath.modem_started", modem=session.id, layer=layer.name)
 
+    def switch_probe(
+        self, modem_id: str, profile: str, check: Callable[[], Awaitable[bool]] | None
+    ) -> Callable[[], Awaitable[bool]] | None:
+        """The safe switch's verify step for a modem with a data path: re-create the context
+        with the new profile's APN first, then check the layer over its own link until the
+        check passes or DATA_UP_TIMEOUT_S runs out (the context takes a moment to come up)."""
+        if modem_id not in self._running:
+            return check
+        layer = next(
+            (x.name for x in self.cfg.layers if x.modem == modem_id and x.profile == profile),
+            None,
+        )
+        if layer is None:
+            return check
+
+        async def probe() -> bool:
+            self._serve(modem_id, layer)
+            if check is None:
+                return True
+            deadline = asyncio.get_running_loop().time() + DATA_UP_TIMEOUT_S
+            while not await check():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return False
+                self.datapath.updated.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, RECHECK_S)):
+                        await self.datapath.updated.wait()
+            return True
+
+        return probe
+
     def switched(self, session: Session) -> None:
-        """A profile switch on the modem finished: its context is re-created for the layer
-        the modem now serves (that profile's APN), even when it is the same layer again."""
+        """A profile switch on the modem ended (switched or rolled back): the context follows
+        the profile the modem runs now, re-created when that is another layer's."""
         running = self._running.get(session.id)
         layer = self.serving(session.id, session.enabled_iccid)
-        if running is None or layer is None:
-            return
-        self._running[session.id] = (running[0], running[1], layer.name)
-        self.datapath.serve(session.id, layer.name)
+        if running is not None and layer is not None and running[2] != layer.name:
+            self._serve(session.id, layer.name)
+
+    def _serve(self, modem_id: str, layer: str) -> None:
+        running = self._running.get(modem_id)
+        if running is not None:
+            self._running[modem_id] = (running[0], running[1], layer)
+        log.info("datapath.serve", modem=modem_id, layer=layer)
+        self.datapath.serve(modem_id, layer)
 
     def evidence(self, modem_id: str, ev: Evidence) -> None:
         """Carrier, registration or context loss seen elsewhere: check the context now."""

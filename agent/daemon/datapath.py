@@ -124,6 +124,14 @@ class DataPath:
                 binding.interface = ifname
                 binding.fwmark = self._fwmark(layer.name) if ifname else None
 
+    def modems(self) -> frozenset[str]:
+        """The modem ids this data path was built for (a reload may add others)."""
+        return frozenset(self._modems)
+
+    def layers(self) -> frozenset[str]:
+        """The layer names this data path was built for."""
+        return frozenset(self._bindings)
+
     def interface(self, modem_id: str) -> str | None:
         """The modem's interface name, None when it has none (or 'none')."""
         return self._modems[modem_id].interface

@@ -49,6 +49,8 @@ class EvidenceFeeds:
         self._monitors_of = monitors_of
         self._channels: dict[str, object] = {}
         self._readers: list[CounterReader] = []
+        #: Also told every piece of evidence with its modem (the data path checks the context).
+        self.listeners: list[Callable[[str, Evidence], None]] = []
 
     def counters_source(
         self, ifname: str | Callable[[], str | None], netns: str | None = None
@@ -81,6 +83,8 @@ class EvidenceFeeds:
         """Hand one piece of evidence to every monitor of the modem's layers."""
         for monitor in self._monitors_of(modem_id):
             monitor.evidence(ev)
+        for listener in self.listeners:
+            listener(modem_id, ev)
 
     def watch_channel(self, modem_id: str, channel: Subscribable) -> None:
         """Subscribe to the modem's context and registration URCs (once per channel; a

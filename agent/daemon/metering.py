@@ -73,14 +73,18 @@ class Metering:
         await self.tracker.close()
 
     async def sample(
-        self, session: ModemSession, monitors: Sequence[tuple[str, LayerMonitor]] = ()
+        self,
+        session: ModemSession,
+        monitors: Sequence[tuple[str, LayerMonitor]] = (),
+        interface: str | None = None,
     ) -> None:
         """Record a modem's traffic for the profile it runs (its network interface counts for
         every vendor when it has one, the modem's own counters are then a cross-check), the
         probes' bytes of its layers, and publish usage and pool shares."""
         iccid = session.enabled_iccid or (session.info.sim.iccid if session.info else None)
         reset, session.counters_reset = session.counters_reset, False
-        ifname = interface_of(session.cfg)
+        # The daemon's answer (config or discovery); the config's name without one.
+        ifname = interface if interface is not None else interface_of(session.cfg)
         try:
             if ifname is not None:
                 await self.tracker.sample_interface(

@@ -30,8 +30,13 @@ class StatePublisher:
     """Publishes retained state only when it changed (timestamps aside): siblings on metered
     links should not pay for a poll that found nothing new. A no-op while there is no bridge."""
 
-    def __init__(self, bridge: Callable[[], MqttBridge | None]) -> None:
+    def __init__(
+        self,
+        bridge: Callable[[], MqttBridge | None],
+        interface: Callable[[str], str | None] = lambda _: None,
+    ) -> None:
         self._bridge = bridge
+        self._interface = interface
         self._published: dict[str, Any] = {}
 
     def forget(self) -> None:
@@ -62,10 +67,20 @@ class StatePublisher:
             return
         if session.info is not None:
             state = ModemState.from_info(
-                session.id, session.info, port=session.port, online=session.online, eid=session.eid
+                session.id,
+                session.info,
+                port=session.port,
+                online=session.online,
+                eid=session.eid,
+                interface=self._interface(session.id),
             )
         else:
-            state = ModemState(id=session.id, port=session.port, online=session.online)
+            state = ModemState(
+                id=session.id,
+                port=session.port,
+                online=session.online,
+                interface=self._interface(session.id),
+            )
         self.state(f"modems/{session.id}", state)
         self.state(
             f"profiles/{session.id}",

@@ -391,7 +391,7 @@ class DataConnection:
             log.debug("data.cgev_unreadable", line=line)
             return
         if event.context_lost and event.cid in (None, self.cid):
-            log.info("data.context_lost", event=event.name, cid=event.cid)
+            log.info("data.context_lost", cgev=event.name, cid=event.cid)
             self._lost = True
             self._wake.set()
 
