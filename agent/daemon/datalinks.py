@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -131,7 +132,7 @@ class DataLinks:
             found = getattr(session, "netdev", None)
             if found is None and session.port is not None:
                 found = interface_of_port(session.port)
-            await self.set_interface(session.id, found)
+            await self.set_interface(session.id, found if _exists(found) else None)
         modem = session.modem
         running = self._running.get(session.id)
         if not session.online or modem is None or self.interface(session.id) is None:
@@ -228,3 +229,15 @@ class DataLinks:
         # The task's own exit takes the context down and withdraws addresses and routes.
         record.task.cancel()
         return record.task
+
+
+def _exists(ifname: str | None) -> bool:
+    """Whether the interface is in this process's network namespace (a name discovery reports
+    for a device whose interface lives elsewhere, or is gone, is no interface of ours)."""
+    if ifname is None:
+        return False
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
