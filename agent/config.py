@@ -112,9 +112,18 @@ class LayerConfig(_Section):
     """One `[[layers]]` entry; the order of entries in the file is the priority order."""
 
     name: str
-    modem: str
-    profile: str
+    #: This device's own modem and profile; "" when the layer is a sibling (`device`).
+    modem: str = ""
+    profile: str = ""
+    #: A sibling's device_id: this device is online through that sibling (hotspot, tether,
+    #: companion link). Give either `device` or `modem` and `profile`, never both.
+    device: str | None = None
+    #: With `device`: the local interface that reaches the sibling, for this device's own probe.
+    interface: str | None = None
     role: Role = "failover"
+    #: "group" marks an emergency layer as the group's (docs/siblings.md): it wakes only when
+    #: every sibling is down or offline and this device wins the claim.
+    scope: Literal["device", "group"] = "device"
     radio_down_when_inactive: bool = False
     probes: list[ProbeConfig] = msgspec.field(default_factory=list)
     #: The data context's APN; "auto" keeps the modem's current default context (cid 1).
@@ -125,6 +134,27 @@ class LayerConfig(_Section):
     pdp_type: PdpType = "ip"
     #: A metered layer gets no default route in the main table until it is the active one.
     metered: bool = False
+
+    @property
+    def is_sibling(self) -> bool:
+        """Whether the layer is another device of the group rather than a profile of ours."""
+        return self.device is not None
+
+
+class GroupConfig(_Section):
+    """`[group]`: the devices that act as one system over MQTT (docs/siblings.md)."""
+
+    name: str
+    #: Every device_id of the group, this one included; messages from others are ignored.
+    devices: list[str] = msgspec.field(default_factory=list)
+    #: Wake order among the devices holding the group emergency layer: lower first, then id.
+    priority: dict[str, int] = msgspec.field(default_factory=dict)
+    #: How long a claim stays valid after its last refresh (it is refreshed every ttl/3).
+    claim_ttl: float = 60.0
+
+    def wake_order(self, holders: Sequence[str]) -> list[str]:
+        """The holders in the order they may claim: config priority, then device id."""
+        return sorted(holders, key=lambda d: (self.priority.get(d, 0), d))
 
 
 class HealthConfig(_Section):
@@ -164,6 +194,8 @@ class TimersConfig(_Section):
     failback_stable: float = 120.0
     switch_timeout: float = 180.0
     rollback_timeout: float = 120.0
+    #: How long a companion's sibling may report no connectivity before our own profile wakes.
+    companion_grace: float = 10.0
 
 
 class TlsConfig(_Section):
@@ -261,6 +293,7 @@ class Config(_Section):
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    group: GroupConfig | None = None
 
     @property
     def control_socket(self) -> str:
@@ -421,12 +454,31 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         _check(bool(_ID_RE.match(layer.name)), f"{key}.name", "must be 1-64 letters, digits, '_-.'")
         _check(layer.name not in names, f"{key}.name", f"duplicate layer name {layer.name!r}")
         names.add(layer.name)
-        _check(layer.modem in modem_ids, f"{key}.modem", f"no modem with id {layer.modem!r}")
-        _check(
-            _is_iccid(layer.profile),
-            f"{key}.profile",
-            f"must be an ICCID ({ICCID_RULE})",
-        )
+        if layer.device is not None:
+            _validate_sibling_layer(cfg, layer, key)
+        else:
+            for f in ("modem", "profile"):
+                _check(
+                    bool(getattr(layer, f)),
+                    f"{key}.{f}",
+                    f"missing required field `{f}` (or give device for a sibling layer)",
+                )
+            _check(
+                layer.interface is None,
+                f"{key}.interface",
+                "only a sibling layer (device) takes an interface; a modem's is set in [[modems]]",
+            )
+            _check(layer.modem in modem_ids, f"{key}.modem", f"no modem with id {layer.modem!r}")
+            _check(
+                _is_iccid(layer.profile),
+                f"{key}.profile",
+                f"must be an ICCID ({ICCID_RULE})",
+            )
+        if layer.scope == "group":
+            _check(
+                layer.role == "emergency", f"{key}.scope", "only an emergency layer can be 'group'"
+            )
+            _check(cfg.group is not None, f"{key}.scope", "'group' needs a [group] section")
         _validate_apn(layer, key, base_dir)
         primaries += layer.role == "primary"
         emergencies += layer.role == "emergency"
@@ -442,8 +494,16 @@ def _validate(cfg: Config, base_dir: Path) -> None:
             problem = probe_target_problem(p.kind, p.target)
             _check(problem is None, f"{pkey}.target", problem or "")
     if cfg.layers:
-        _check(primaries == 1, "layers", f"exactly one layer must be primary (found {primaries})")
+        # A device that only holds the group emergency (a tablet in a drawer) has no primary.
+        only_group = all(layer.scope == "group" for layer in cfg.layers)
+        _check(
+            primaries == 1 or (primaries == 0 and only_group),
+            "layers",
+            f"exactly one layer must be primary (found {primaries})",
+        )
         _check(emergencies <= 1, "layers", "at most one layer can be emergency")
+
+    _validate_group(cfg)
 
     h = cfg.health
     if h.rssi_dbm_min is not None:
@@ -465,6 +525,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
     _check(t.hold_down_multiplier >= 1, "timers.hold_down_multiplier", "must be >= 1")
     _check(t.switch_timeout > 0, "timers.switch_timeout", "must be > 0")
     _check(t.rollback_timeout > 0, "timers.rollback_timeout", "must be > 0")
+    _check(t.companion_grace >= 0, "timers.companion_grace", "must be >= 0")
     _check(
         t.rollback_timeout <= t.switch_timeout,
         "timers.rollback_timeout",
@@ -539,6 +600,59 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         _size(pool.quota_bytes, f"{key}.quota_bytes")
     if cfg.control.socket is not None:
         _check(os.path.isabs(cfg.control.socket), "control.socket", "must be an absolute path")
+
+
+def _validate_sibling_layer(cfg: Config, layer: LayerConfig, key: str) -> None:
+    """A layer that is another device: no modem keys, a device the group lists."""
+    device = layer.device or ""
+    _check(
+        not layer.modem and not layer.profile,
+        key,
+        "give either device (a sibling) or modem and profile, not both",
+    )
+    _check(bool(_ID_RE.match(device)), f"{key}.device", "must be a device_id (1-64 letters, ...)")
+    _check(device != cfg.device_id, f"{key}.device", "a device cannot be its own sibling")
+    _check(
+        cfg.group is not None and device in cfg.group.devices,
+        f"{key}.device",
+        f"{device!r} must be listed in [group] devices",
+    )
+    _check(layer.role != "emergency", f"{key}.role", "a sibling layer cannot be the emergency")
+    if layer.interface is not None:
+        _check(
+            bool(_IFNAME_RE.match(layer.interface)) and layer.interface not in (".", ".."),
+            f"{key}.interface",
+            "must be a network interface name of at most 15 characters, e.g. 'wlan0'",
+        )
+    _check(
+        layer.apn == "auto" and layer.apn_user is None and not layer.apn_password_file,
+        f"{key}.apn",
+        "a sibling layer has no data context of its own (no apn keys)",
+    )
+
+
+def _validate_group(cfg: Config) -> None:
+    """[group]: a name usable in topics, known devices including this one, consistent priority."""
+    g = cfg.group
+    if g is None:
+        return
+    _check(bool(_ID_RE.match(g.name)), "group.name", "must be 1-64 letters, digits, '_', '.', '-'")
+    for i, d in enumerate(g.devices):
+        _check(bool(_ID_RE.match(d)), f"group.devices[{i}]", "must be a device_id")
+    _check(len(set(g.devices)) == len(g.devices), "group.devices", "lists a device twice")
+    _check(
+        cfg.device_id in g.devices,
+        "group.devices",
+        f"must list this device ({cfg.device_id!r}) too",
+    )
+    for d in g.priority:
+        _check(d in g.devices, f"group.priority.{d}", "not a device of [group] devices")
+    _check(
+        g.claim_ttl >= 1.5 * cfg.mqtt.keepalive,
+        "group.claim_ttl",
+        "must be >= 1.5 x mqtt.keepalive (a claimant must notice a lost broker before expiry)",
+    )
+    _check(cfg.mqtt.enabled, "mqtt.enabled", "a [group] needs MQTT (siblings talk over it)")
 
 
 def _validate_apn(layer: LayerConfig, key: str, base_dir: Path) -> None:
@@ -631,7 +745,8 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
 def _normalized(cfg: Config) -> Config:
     """Liberal input: ICCIDs may carry spaces or an F pad, USB ids a 0x prefix."""
     for layer in cfg.layers:
-        layer.profile = normalize_iccid(layer.profile)
+        if layer.profile:
+            layer.profile = normalize_iccid(layer.profile)
     cfg.usage.quotas = {normalize_iccid(k): v for k, v in cfg.usage.quotas.items()}
     for pool in cfg.usage.pools:
         pool.members = [normalize_iccid(m) for m in pool.members]
