@@ -1,0 +1,1 @@
+"""Devices of a group acting as one system over MQTT: sibling view, claim protocol (docs/siblings.md)."""
