@@ -118,7 +118,8 @@ def test_companion_story_last_will_and_grace() -> None:
     lost = SiblingObservation(online=True, connectivity=False, since=5.0)
     assert health(lost, 14.9) is Health.DEGRADED
     assert health(lost, 15.0) is Health.DOWN
-    assert health(SiblingObservation(), 1.0) is Health.UNKNOWN
+    assert health(SiblingObservation(since=1.0), 2.0) is Health.DEGRADED
+    assert health(SiblingObservation(since=1.0), 11.0) is Health.DOWN
 
 
 def test_broker_unreachable_trusts_only_our_own_probe() -> None:

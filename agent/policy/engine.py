@@ -51,11 +51,21 @@ class LayerSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: Shares its modem (its eUICC) with a higher layer, so its profile is disabled while
     #: that layer runs: like a dormant layer it gives no health evidence until activated.
     cold: bool = False
+    #: A sibling's device_id: the layer is that device (modem and profile are ""), its health
+    #: fed from the sibling's MQTT messages (agent.siblings.view.sibling_health).
+    device: str | None = None
+    #: Companion mode: our own layer below a sibling that comes first. It stays asleep (profile
+    #: disabled) while the sibling carries us, and is put back to sleep (SleepLayer) on failback.
+    companion: bool = False
+    #: The group's emergency: besides everything below, it wakes only while GroupWake says so.
+    group: bool = False
 
     @property
     def dormant(self) -> bool:
         """Whether the layer gives no health evidence while inactive (profile or radio off)."""
-        return self.role == "emergency" or self.radio_down_when_inactive or self.cold
+        return (
+            self.role == "emergency" or self.radio_down_when_inactive or self.cold or self.companion
+        )
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,6 +84,7 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_config(cls, cfg: Config) -> PolicyConfig:
         """Map the TOML config onto the policy's settings."""
+        companion_mode = bool(cfg.layers) and cfg.layers[0].device is not None
         return cls(
             layers=tuple(
                 LayerSpec(
@@ -82,10 +93,16 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True):
                     profile=layer.profile,
                     role=layer.role,
                     radio_down_when_inactive=layer.radio_down_when_inactive,
-                    cold=any(
-                        other.modem == layer.modem and other.role != "emergency"
+                    cold=layer.device is None
+                    and any(
+                        other.device is None
+                        and other.modem == layer.modem
+                        and other.role != "emergency"
                         for other in cfg.layers[:n]
                     ),
+                    device=layer.device,
+                    companion=companion_mode and layer.device is None and layer.role != "emergency",
+                    group=layer.scope == "group",
                 )
                 for n, layer in enumerate(cfg.layers)
             ),
@@ -141,7 +158,14 @@ class Drill(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     now: float
 
 
-Event = LayerHealth | Tick | SwitchDone | ManualSwitch | Drill
+class GroupWake(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The group claim protocol (agent.siblings.claim) lets the group emergency wake, or not."""
+
+    awake: bool
+    now: float
+
+
+Event = LayerHealth | Tick | SwitchDone | ManualSwitch | Drill | GroupWake
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -173,6 +197,8 @@ class ActivateLayer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     reason: str
     previous: str | None
     event_id: str
+    #: A sibling layer's device_id (modem and profile are then ""): route over its link.
+    device: str | None = None
 
 
 class EnableEmergency(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -205,7 +231,23 @@ class EmitEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     event: TransitionEvent
 
 
-Action = ActivateLayer | EnableEmergency | DisableEmergency | RadioUp | RadioDown | EmitEvent
+class SleepLayer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Companion mode: disable our own layer's profile again, the sibling carries us."""
+
+    layer: str
+    modem: str
+    profile: str
+
+
+Action = (
+    ActivateLayer
+    | EnableEmergency
+    | DisableEmergency
+    | RadioUp
+    | RadioDown
+    | EmitEvent
+    | SleepLayer
+)
 
 
 # --- state ---------------------------------------------------------------------------------
@@ -241,6 +283,8 @@ class PolicyState(msgspec.Struct, frozen=True, kw_only=True):
     pending: TransitionEvent | None = None
     pinned: str | None = None
     emergency_enabled: bool = False
+    #: Whether the group claim protocol lets a group emergency layer wake (GroupWake).
+    group_awake: bool = False
     seq: int = 0
     id_prefix: str = "tr"
     switches: int = 0
@@ -298,6 +342,8 @@ def transition(state: PolicyState, event: Event) -> Result:
         return _switch_done(state, event, now)
     if isinstance(event, ManualSwitch):
         return _manual(state, event.layer, now)
+    if isinstance(event, GroupWake):
+        return _after_change(replace(state, group_awake=event.awake))
     return _drill(state, now)
 
 
@@ -388,6 +434,10 @@ def _decide(state: PolicyState) -> Result:
 
     def dormant_ready(sp: LayerSpec) -> bool:
         ls = state.layer(sp.name)
+        if sp.companion and any(
+            state.layer(o.name).status is Health.UNKNOWN for o in order if o.device is not None
+        ):
+            return False  # no verdict on the sibling yet: do not wake our own profile
         return sp.dormant and sp.name != active and now >= ls.held_until
 
     if active_ok and active_idx is not None:
@@ -398,6 +448,8 @@ def _decide(state: PolicyState) -> Result:
             if above:
                 best = above[0]
                 return _start_switch(state, best, "failback", _why_up(state, best), now)
+            if spec.group and not state.group_awake:
+                return _group_sleep(state, spec, now)
             return state, []
         for sp in order[:active_idx]:
             ls = state.layer(sp.name)
@@ -431,9 +483,29 @@ def _decide(state: PolicyState) -> Result:
         and emergency.name != active
         and all_down
         and now >= state.layer(emergency.name).held_until
+        and (state.group_awake or not emergency.group)
     ):
         return _start_switch(state, emergency, "emergency", "every higher layer is down", now)
     return state, []
+
+
+def _group_sleep(state: PolicyState, spec: LayerSpec, now: float) -> Result:
+    """The group took its wake back and nothing of ours above works: the profile sleeps."""
+    seq = state.seq + 1
+    record = TransitionEvent(
+        id=f"{state.id_prefix}-{seq}",
+        kind="failback",
+        from_layer=spec.name,
+        to_layer=None,
+        from_profile=spec.profile,
+        reason="a higher layer of the group is back",
+        detected_at=now,
+        decided_at=now,
+        switched_at=now,
+        outcome="switched",
+    )
+    new = replace(state, phase=Phase.IDLE, active=None, emergency_enabled=False, seq=seq)
+    return new, [DisableEmergency(layer=spec.name), EmitEvent(event=record)]
 
 
 def _why_down(state: PolicyState, active: str | None, pick: LayerSpec) -> str:
@@ -499,6 +571,7 @@ def _start_switch(
             reason=reason,
             previous=prev,
             event_id=record.id,
+            device=target.device,
         )
     )
     actions.append(EmitEvent(event=record))
@@ -570,6 +643,12 @@ def _switch_done(state: PolicyState, ev: SwitchDone, now: float) -> Result:
             if prev_spec.role == "emergency" and state.emergency_enabled:
                 actions.append(DisableEmergency(layer=prev_spec.name))
                 state = replace(state, emergency_enabled=False)
+            if prev_spec.companion:
+                actions.append(
+                    SleepLayer(
+                        layer=prev_spec.name, modem=prev_spec.modem, profile=prev_spec.profile
+                    )
+                )
             if prev_spec.radio_down_when_inactive and prev_spec.modem != target.modem:
                 actions.append(RadioDown(modem=prev_spec.modem))
         if record is not None:

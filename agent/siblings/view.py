@@ -166,7 +166,10 @@ def encode_claim(group: str, device: str, ttl: float, seq: int) -> bytes:
 
 
 class SiblingObservation(msgspec.Struct, frozen=True, kw_only=True):
-    """The latest word from one sibling; `since` is when online/connectivity took their values."""
+    """The latest word from one sibling; `since` is when online/connectivity took their values.
+
+    Start with `SiblingObservation(since=<now when the daemon starts listening>)`.
+    """
 
     online: bool | None = None
     connectivity: bool | None = None
@@ -214,7 +217,10 @@ def sibling_health(
             return Health.DEGRADED, "broker unreachable, within companion_grace"
         return Health.DOWN, "broker unreachable and no probe of our own"
     if obs.online is None:
-        return Health.UNKNOWN, "no word from the sibling yet"
+        # `since` is when we started listening: a sibling that never spoke is given the grace.
+        if now - obs.since < grace:
+            return Health.DEGRADED, "no word from the sibling yet, within companion_grace"
+        return Health.DOWN, f"no word from the sibling for {now - obs.since:.1f}s"
     if not obs.online:
         return Health.DOWN, "sibling offline (Last Will)"
     if obs.connectivity is not True:
