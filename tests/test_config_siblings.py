@@ -175,3 +175,24 @@ def test_group_must_list_this_device_and_outlive_keepalive(tmp_path: Path) -> No
     assert "'tablet'" in str(err)
     err = error(tmp_path, TABLET.replace('"tablet"]\n', '"tablet"]\nclaim_ttl = 40.0\n'))
     assert err.key == "group.claim_ttl"
+
+
+def test_daemon_refuses_sibling_layers_until_it_runs_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent(WATCH))
+    assert main(["run", "--config", str(path)]) == 78
+    assert (
+        "layers[0].device: sibling layers are not run by this daemon yet" in capsys.readouterr().err
+    )
+
+
+def test_check_does_not_ask_a_sibling_layer_for_a_quota(tmp_path: Path) -> None:
+    from agent.check.evaluate import quotas_item
+
+    cfg = load(tmp_path, WATCH + '\n[usage.quotas]\n"89000000000000000029" = "1 GB"\n')
+    item = quotas_item(cfg)
+    assert item.status == "pass", item

@@ -127,7 +127,9 @@ def quotas_item(cfg: Config) -> CheckItem:
     missing = [
         layer
         for layer in cfg.layers
-        if layer.profile not in cfg.usage.quotas and layer.profile not in pooled
+        if not layer.is_sibling
+        and layer.profile not in cfg.usage.quotas
+        and layer.profile not in pooled
     ]
     if missing:
         names = ", ".join(f"{x.name} ({x.profile})" for x in missing)
@@ -177,7 +179,8 @@ def _installed(
 
 
 def _layers(cfg: Config, role: str) -> list[LayerConfig]:
-    return [x for x in cfg.layers if x.role == role]
+    # A sibling layer has no modem or profile of ours to check.
+    return [x for x in cfg.layers if x.role == role and not x.is_sibling]
 
 
 TITLES = {

@@ -82,6 +82,13 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         error(str(exc), "config")
         return EX_CONFIG
+    siblings = [i for i, x in enumerate(cfg.layers) if x.is_sibling]
+    if siblings:
+        # The sibling view and claim driver exist (agent/siblings) but the daemon does not run
+        # them yet: refuse clearly rather than start with a layer nothing would feed.
+        key = f"layers[{siblings[0]}].device"
+        error(f"{args.config}: {key}: sibling layers are not run by this daemon yet", "config")
+        return EX_CONFIG
     if args.check:
         problem = state_dir_problem(cfg.state_dir, create=False) or control_socket_problem(
             cfg.control_socket, create=False
