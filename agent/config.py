@@ -147,6 +147,9 @@ class GroupConfig(_Section):
     name: str
     #: Every device_id of the group, this one included; messages from others are ignored.
     devices: list[str] = msgspec.field(default_factory=list)
+    #: The devices that hold the group emergency layer (`scope = "group"`), this one included
+    #: when it holds it: the claim protocol takes turns among them only.
+    emergency_devices: list[str] = msgspec.field(default_factory=list)
     #: Wake order among the devices holding the group emergency layer: lower first, then id.
     priority: dict[str, int] = msgspec.field(default_factory=dict)
     #: How long a claim stays valid after its last refresh (it is refreshed every ttl/3).
@@ -647,6 +650,14 @@ def _validate_group(cfg: Config) -> None:
     )
     for d in g.priority:
         _check(d in g.devices, f"group.priority.{d}", "not a device of [group] devices")
+    for i, d in enumerate(g.emergency_devices):
+        _check(d in g.devices, f"group.emergency_devices[{i}]", "not a device of [group] devices")
+    holds = any(layer.scope == "group" for layer in cfg.layers)
+    _check(
+        holds == (cfg.device_id in g.emergency_devices),
+        "group.emergency_devices",
+        f"must list this device ({cfg.device_id!r}) exactly when it has a scope = 'group' layer",
+    )
     _check(
         g.claim_ttl >= 1.5 * cfg.mqtt.keepalive,
         "group.claim_ttl",

@@ -56,7 +56,11 @@ def tablet_config() -> PolicyConfig:
     data: dict[str, Any] = {
         "device_id": "tablet",
         "mqtt": {"enabled": True},
-        "group": {"name": "family", "devices": ["phone", "watch", "tablet"]},
+        "group": {
+            "name": "family",
+            "devices": ["phone", "watch", "tablet"],
+            "emergency_devices": ["tablet"],
+        },
         "modems": [{"id": "m0", "port": "/dev/ttyUSB2"}],
         "layers": [
             {

@@ -50,6 +50,7 @@ enabled = true
 [group]
 name = "family"
 devices = ["phone", "watch", "tablet"]
+emergency_devices = ["tablet"]
 
 [[modems]]
 id = "m0"
@@ -169,11 +170,27 @@ def test_group_scope_only_on_emergency_and_with_a_group(tmp_path: Path) -> None:
     assert "[group]" in str(err)
 
 
+def test_group_emergency_devices_must_match_this_devices_layers(tmp_path: Path) -> None:
+    err = error(
+        tmp_path, TABLET.replace('emergency_devices = ["tablet"]', "emergency_devices = []")
+    )
+    assert err.key == "group.emergency_devices"
+    err = error(
+        tmp_path, WATCH.replace('name = "family"', 'name = "family"\nemergency_devices = ["watch"]')
+    )
+    assert err.key == "group.emergency_devices"
+    err = error(
+        tmp_path,
+        TABLET.replace('emergency_devices = ["tablet"]', 'emergency_devices = ["tablet", "pc"]'),
+    )
+    assert err.key == "group.emergency_devices[1]"
+
+
 def test_group_must_list_this_device_and_outlive_keepalive(tmp_path: Path) -> None:
-    err = error(tmp_path, TABLET.replace('"watch", "tablet"]', '"watch"]'))
+    err = error(tmp_path, TABLET.replace('"watch", "tablet"]\n', '"watch"]\n'))
     assert err.key == "group.devices"
     assert "'tablet'" in str(err)
-    err = error(tmp_path, TABLET.replace('"tablet"]\n', '"tablet"]\nclaim_ttl = 40.0\n'))
+    err = error(tmp_path, TABLET.replace('["tablet"]\n', '["tablet"]\nclaim_ttl = 40.0\n'))
     assert err.key == "group.claim_ttl"
 
 
@@ -196,3 +213,15 @@ def test_check_does_not_ask_a_sibling_layer_for_a_quota(tmp_path: Path) -> None:
     cfg = load(tmp_path, WATCH + '\n[usage.quotas]\n"89000000000000000029" = "1 GB"\n')
     item = quotas_item(cfg)
     assert item.status == "pass", item
+
+
+def test_claim_config_from_the_group(tmp_path: Path) -> None:
+    from agent.siblings.claim import ClaimConfig
+
+    text = TABLET.replace('["tablet"]\n', '["tablet", "watch"]\npriority = { watch = -1 }\n')
+    cc = ClaimConfig.from_config(load(tmp_path, text))
+    assert cc is not None
+    assert cc.order == ("watch", "tablet")
+    assert cc.others == ("phone", "watch")
+    assert cc.ttl == 60.0
+    assert ClaimConfig.from_config(load(tmp_path, WATCH)) is None

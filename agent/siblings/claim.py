@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 from msgspec.structs import replace
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 
 class ClaimPhase(enum.StrEnum):
@@ -46,6 +50,22 @@ class ClaimConfig(msgspec.Struct, frozen=True, kw_only=True):
     ttl: float = 60.0
     switch_timeout: float = 180.0
     failback_stable: float = 120.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ClaimConfig | None:
+        """The protocol's settings for this device, or None when it holds no group emergency."""
+        g = cfg.group
+        if g is None or not any(layer.scope == "group" for layer in cfg.layers):
+            return None
+        return cls(
+            device=cfg.device_id,
+            group=g.name,
+            order=tuple(g.wake_order(g.emergency_devices)),
+            others=tuple(d for d in g.devices if d != cfg.device_id),
+            ttl=g.claim_ttl,
+            switch_timeout=cfg.timers.switch_timeout,
+            failback_stable=cfg.timers.failback_stable,
+        )
 
 
 # --- events ---------------------------------------------------------------------------------
