@@ -180,3 +180,38 @@ def test_companion_invariants_over_random_sibling_histories(steps: list[tuple[st
         s = feed(s, now + dt)
     assert s.active == "phone-hotspot"
     assert not own_on
+
+
+def test_sibling_layers_feed_the_engine_from_mqtt_messages() -> None:
+    from agent.siblings.layers import SiblingLayers
+
+    data: dict[str, Any] = {
+        "device_id": "watch",
+        "mqtt": {"enabled": True},
+        "group": {"name": "family", "devices": ["phone", "watch"]},
+        "timers": {"companion_grace": GRACE},
+        "modems": [{"id": "m0", "port": "/dev/ttyUSB2"}],
+        "layers": [
+            {"name": "hotspot", "device": "phone", "role": "primary"},
+            {"name": "own", "modem": "m0", "profile": "89000000000000000029"},
+        ],
+    }
+    sl = SiblingLayers(parse_config(data), now=0.0)
+    assert sl.subscriptions() == [
+        "esim-agent/phone/availability",
+        "esim-agent/phone/state",
+        "esim-agent/watch/availability",
+        "esim-agent/watch/state",
+    ]
+    assert [e.health for e in sl.on_broker(True, 0.0)] == [Health.DEGRADED]
+    state = b'{"device_id":"phone","connectivity":true}'
+    assert sl.on_message("esim-agent/phone/availability", b"online", 1.0) == []
+    assert [e.health for e in sl.on_message("esim-agent/phone/state", state, 1.0)] == [Health.UP]
+    assert sl.on_message("esim-agent/phone/state", state, 2.0) == []  # only changes
+    (ev,) = sl.on_message("esim-agent/phone/availability", b"offline", 3.0)
+    assert (ev.layer, ev.health, ev.reason) == (
+        "hotspot",
+        Health.DOWN,
+        "sibling offline (Last Will)",
+    )
+    assert sl.on_message("esim-agent/tv/availability", b"online", 4.0) == []
