@@ -621,6 +621,16 @@ def _validate_sibling_layer(cfg: Config, layer: LayerConfig, key: str) -> None:
         f"{device!r} must be listed in [group] devices",
     )
     _check(layer.role != "emergency", f"{key}.role", "a sibling layer cannot be the emergency")
+    _check(
+        not layer.radio_down_when_inactive,
+        f"{key}.radio_down_when_inactive",
+        "a sibling layer has no radio of ours",
+    )
+    _check(
+        not layer.probes or layer.interface is not None,
+        f"{key}.probes",
+        "probes of a sibling layer need its interface (they run through the link to the sibling)",
+    )
     if layer.interface is not None:
         _check(
             bool(_IFNAME_RE.match(layer.interface)) and layer.interface not in (".", ".."),
@@ -628,7 +638,10 @@ def _validate_sibling_layer(cfg: Config, layer: LayerConfig, key: str) -> None:
             "must be a network interface name of at most 15 characters, e.g. 'wlan0'",
         )
     _check(
-        layer.apn == "auto" and layer.apn_user is None and not layer.apn_password_file,
+        layer.apn == "auto"
+        and layer.apn_user is None
+        and not layer.apn_password
+        and not layer.apn_password_file,
         f"{key}.apn",
         "a sibling layer has no data context of its own (no apn keys)",
     )

@@ -138,6 +138,16 @@ def test_config_round_trips_through_toml(tmp_path: Path) -> None:
         (("companion_grace = 7.5", "companion_grace = -1"), "timers.companion_grace", ">= 0"),
         (("[mqtt]\nenabled = true", "[mqtt]\nenabled = false"), "mqtt.enabled", "needs MQTT"),
         (
+            ('role = "primary"', 'role = "primary"\nradio_down_when_inactive = true'),
+            "layers[0].radio_down_when_inactive",
+            "no radio",
+        ),
+        (
+            ('interface = "wlan0"', 'probes = [{ kind = "icmp", target = "198.18.0.1" }]'),
+            "layers[0].probes",
+            "need its interface",
+        ),
+        (
             ('role = "primary"', 'role = "primary"\napn = "internet"'),
             "layers[0].apn",
             "no data context",
