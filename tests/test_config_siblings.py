@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -204,17 +206,19 @@ def test_group_must_list_this_device_and_outlive_keepalive(tmp_path: Path) -> No
     assert err.key == "group.claim_ttl"
 
 
-def test_daemon_refuses_sibling_layers_until_it_runs_them(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from agent.cli import main
-
+def test_daemon_refuses_sibling_layers_until_it_runs_them(tmp_path: Path) -> None:
+    # A child process: `run` sets up the process's logging, which must not leak into other tests.
     path = tmp_path / "agent.toml"
     path.write_text(textwrap.dedent(WATCH))
-    assert main(["run", "--config", str(path)]) == 78
-    assert (
-        "layers[0].device: sibling layers are not run by this daemon yet" in capsys.readouterr().err
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=90.0,
+        check=False,
     )
+    assert result.returncode == 78
+    assert "layers[0].device: sibling layers are not run by this daemon yet" in result.stderr
 
 
 def test_check_does_not_ask_a_sibling_layer_for_a_quota(tmp_path: Path) -> None:
