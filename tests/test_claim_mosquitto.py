@@ -97,6 +97,10 @@ async def test_three_racing_claimants_exactly_one_holds(
         )
     finally:
         stop.set()
+        # Bounded: a client's disconnect must not hold the test (each run cleans up on cancel).
+        _done, pending = await asyncio.wait(tasks, timeout=WAIT_S)
+        for t in pending:
+            t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # Stopping sleeps the winner before its claim is cleared.
     assert not any(awake.values())
