@@ -474,3 +474,18 @@ def test_a_layer_sharing_its_modem_with_a_higher_one_is_cold() -> None:
     # With no evidence against it, the cold layer is tried when the active one fails.
     assert d.target() == "travel"
     assert d.activations()[-1] == "travel"
+
+
+def test_a_drill_from_a_pinned_layer_unpins_so_a_dead_drilled_layer_is_left() -> None:
+    # Found by test_random_sequences_keep_invariants: pinned primary, drill to backup, backup
+    # dies: the pin kept the policy on the dead backup.
+    cfg = make_config(down_after=1, up_after=1, failback_stable=30.0)
+    state = initial_state(cfg, 0.0, active="backup")
+    state, _ = transition(state, ManualSwitch(layer="primary", now=0.0))
+    state, _ = transition(state, SwitchDone(layer="primary", ok=True, now=0.0))
+    state, _ = transition(state, LayerHealth(layer="backup", health=Health.UP, now=0.0))
+    state, _ = transition(state, Drill(now=0.0))
+    assert state.pinned is None
+    state, _ = transition(state, SwitchDone(layer="backup", ok=True, now=0.0))
+    state, actions = transition(state, LayerHealth(layer="backup", health=Health.DOWN, now=0.0))
+    assert state.active != "backup" or any(isinstance(a, ActivateLayer) for a in actions)

@@ -718,6 +718,9 @@ def _drill(state: PolicyState, now: float) -> Result:
     ]
     if not below:
         return state, [_rejected(state, "drill", None, "no usable layer below the active one", now)]
+    # A drill exercises the automatic policy: a pin left in place would hold the policy on the
+    # pinned layer's health while the drilled layer carries traffic, even once that goes down.
+    state = replace(state, pinned=None)
     return _start_switch(state, below[0], "drill", f"failover drill from {state.active}", now)
 
 
