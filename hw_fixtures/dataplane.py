@@ -56,6 +56,15 @@ def dns_answer(query: bytes, address: str = HOST) -> bytes | None:
     return header + question + answers
 
 
+def http_probe_reply(request_line: str) -> tuple[bytes, bool]:
+    """The reply to one HTTP request line, and whether it was the probe: `GET|HEAD
+    /generate_204` gets 204, anything else 404; never a body, the connection closes."""
+    parts = request_line.split()
+    probe = len(parts) >= 2 and parts[0] in ("GET", "HEAD") and parts[1] == "/generate_204"
+    status = b"204 No Content" if probe else b"404 Not Found"
+    return b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", probe
+
+
 class _DnsProtocol(asyncio.DatagramProtocol):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -188,16 +197,12 @@ class DataPlane:
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             if self._answering():
                 self._traffic(0, len(head))
-            parts = request_line.split()
             await self._pause()
             if not self._answering():
                 return
-            if len(parts) >= 2 and parts[0] in ("GET", "HEAD") and parts[1] == "/generate_204":
+            reply, probe = http_probe_reply(request_line)
+            if probe:
                 self.served["http"] += 1
-                status = b"204 No Content"
-            else:
-                status = b"404 Not Found"
-            reply = b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             writer.write(reply)
             self._traffic(len(reply), 0)
             await asyncio.wait_for(writer.drain(), IO_TIMEOUT)

@@ -28,7 +28,7 @@ from pyroute2 import AsyncIPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hw_fixtures.addressing import SERVER_ADDRESS, ContextAddress, gateway_interface
-from hw_fixtures.dataplane import dns_answer
+from hw_fixtures.dataplane import dns_answer, http_probe_reply
 from hw_fixtures.dhcp_server import DhcpServer
 
 log = structlog.get_logger(__name__)
@@ -343,13 +343,8 @@ class OperatorNetwork:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
             self.requests["http"].append(writer.get_extra_info("peername")[0])
             self._traffic(0, len(head))
-            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             await self._pause()
-            if len(parts) >= 2 and parts[0] in ("GET", "HEAD") and parts[1] == "/generate_204":
-                status = b"204 No Content"
-            else:
-                status = b"404 Not Found"
-            answer = b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            answer, _probe = http_probe_reply(head.split(b"\r\n", 1)[0].decode("latin-1"))
             writer.write(answer)
             self._traffic(len(answer), 0)
             await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
