@@ -11,7 +11,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 
@@ -65,16 +65,24 @@ def http_probe_reply(request_line: str) -> tuple[bytes, bool]:
     return b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", probe
 
 
-class _DnsProtocol(asyncio.DatagramProtocol):
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = plane
+class DnsHandler(Protocol):
+    """Whatever answers the emulator's DNS datagrams (loopback plane, operator network)."""
+
+    def on_dns(self, data: bytes, addr: tuple[str, int]) -> None: ...
+
+
+class DnsDatagrams(asyncio.DatagramProtocol):
+    """Hands each DNS datagram to its owner; keeps the transport for the replies."""
+
+    def __init__(self, owner: DnsHandler) -> None:
+        self.owner = owner
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.plane.on_dns(data, addr)
+        self.owner.on_dns(data, addr)
 
 
 class DataPlane:
@@ -95,7 +103,7 @@ class DataPlane:
         self.dns_port = 0
         self._tcp: asyncio.Server | None = None
         self._http: asyncio.Server | None = None
-        self._dns: _DnsProtocol | None = None
+        self._dns: DnsDatagrams | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -106,7 +114,7 @@ class DataPlane:
         """Reserve the ports and open whatever the current state allows."""
         loop = asyncio.get_running_loop()
         transport, proto = await loop.create_datagram_endpoint(
-            lambda: _DnsProtocol(self), local_addr=(HOST, 0)
+            lambda: DnsDatagrams(self), local_addr=(HOST, 0)
         )
         self._dns = proto
         self.dns_port = transport.get_extra_info("sockname")[1]

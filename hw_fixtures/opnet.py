@@ -21,14 +21,13 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Iterator
-from typing import cast
 
 import structlog
 from pyroute2 import AsyncIPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hw_fixtures.addressing import SERVER_ADDRESS, ContextAddress, gateway_interface
-from hw_fixtures.dataplane import dns_answer, http_probe_reply
+from hw_fixtures.dataplane import DnsDatagrams, dns_answer, http_probe_reply
 from hw_fixtures.dhcp_server import DhcpServer
 
 log = structlog.get_logger(__name__)
@@ -80,18 +79,6 @@ def _server_sockets(name: str, dhcp: bool) -> dict[str, socket.socket]:
     return socks
 
 
-class _Dns(asyncio.DatagramProtocol):
-    def __init__(self, owner: OperatorNetwork) -> None:
-        self.owner = owner
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.owner.on_dns(data, addr)
-
-
 class OperatorNetwork:
     """The operator namespace, veth pair, gate and servers of one modem."""
 
@@ -130,7 +117,7 @@ class OperatorNetwork:
         self._far_index = 0
         self._lock = asyncio.Lock()
         self._servers: list[asyncio.Server] = []
-        self._dns: _Dns | None = None
+        self._dns: DnsDatagrams | None = None
         self._dhcp: DhcpServer | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -193,7 +180,9 @@ class OperatorNetwork:
         self._servers.append(await asyncio.start_server(self._serve_http, sock=socks["http"]))
         self._servers.append(await asyncio.start_server(self._serve_tcp, sock=socks["tcp"]))
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_datagram_endpoint(lambda: _Dns(self), sock=socks["dns"])
+        _, proto = await loop.create_datagram_endpoint(
+            lambda: DnsDatagrams(self), sock=socks["dns"]
+        )
         self._dns = proto
         if "dhcp" in socks:
             self._dhcp = DhcpServer(socks["dhcp"], self._dhcp_grant, self._logger("dhcp"))
