@@ -13,13 +13,13 @@ that modem (inactive ones are reported "profile_inactive" by the daemon anyway).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.health.detect import Evidence
 from agent.health.monitor import CountersSource, LayerMonitor
 from agent.health.urc import URC_PREFIXES, evidence_from_urc
@@ -108,11 +108,11 @@ class EvidenceFeeds:
         address events; it re-opens the netlink watch with backoff when it fails."""
 
         async def run() -> None:
-            delay = RECONNECT_INITIAL_S
+            backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S)
             while True:
                 try:
                     async with LinkWatcher([ifname], netns) as watcher:
-                        delay = RECONNECT_INITIAL_S
+                        backoff.reset()
                         while True:
                             event = await watcher.next(timeout=None)
                             ev = to_evidence(event) if event is not None else None
@@ -122,8 +122,7 @@ class EvidenceFeeds:
                     log.warning(
                         "link_watch_failed", modem=modem_id, interface=ifname, error=str(exc)
                     )
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                await asyncio.sleep(backoff.next())
 
         return run
 
