@@ -13,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent.errors import ConfigError
+from agent.euicc.es9 import Resolve
 from agent.iccid import ICCID_RULE, is_iccid, parse_iccid
 
 #: The one default control socket, for the daemon and the CLI alike: systemd's
@@ -264,6 +265,18 @@ class UsageConfig(_Section):
     pools: list[PoolConfig] = msgspec.field(default_factory=list)
 
 
+class RspConfig(_Section):
+    """`[rsp]`: talking to SM-DP+ servers (ES9+) for downloads and notifications.
+
+    TLS to an SM-DP+ is always verified against `ci_certs` (PEM files of the GSMA CI roots, or
+    a test CI); no GSMA root is bundled. Relative paths are read from the config's directory.
+    """
+
+    ci_certs: list[str] = msgspec.field(default_factory=list)
+    #: "HOST:PORT:ADDR" overrides for test networks (TLS still checks HOST).
+    resolve: list[str] = msgspec.field(default_factory=list)
+
+
 class ControlConfig(_Section):
     """The local control socket; None means DEFAULT_CONTROL_SOCKET."""
 
@@ -297,6 +310,7 @@ class Config(_Section):
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     group: GroupConfig | None = None
+    rsp: RspConfig = msgspec.field(default_factory=RspConfig)
 
     @property
     def control_socket(self) -> str:
@@ -507,6 +521,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         _check(emergencies <= 1, "layers", "at most one layer can be emergency")
 
     _validate_group(cfg)
+    _validate_rsp(cfg.rsp, base_dir)
 
     h = cfg.health
     if h.rssi_dbm_min is not None:
@@ -677,6 +692,15 @@ def _validate_group(cfg: Config) -> None:
         "must be >= 1.5 x mqtt.keepalive (a claimant must notice a lost broker before expiry)",
     )
     _check(cfg.mqtt.enabled, "mqtt.enabled", "a [group] needs MQTT (siblings talk over it)")
+
+
+def _validate_rsp(rsp: RspConfig, base_dir: Path) -> None:
+    for i, text in enumerate(rsp.resolve):
+        try:
+            Resolve.parse(text)
+        except ConfigError as exc:
+            raise _Invalid(f"rsp.resolve[{i}]", exc.reason) from None
+    rsp.ci_certs = [str(base_dir / c) if not Path(c).is_absolute() else c for c in rsp.ci_certs]
 
 
 def _validate_apn(layer: LayerConfig, key: str, base_dir: Path) -> None:
