@@ -152,10 +152,13 @@ class DhcpServer:
         sock: socket.socket,
         grant: Callable[[], ContextAddress | None],
         log: Callable[[str], None],
+        on_request: Callable[[DhcpRequest], None] | None = None,
     ) -> None:
         self._sock = sock
         self._grant = grant
         self._log = log
+        #: Sees every well-formed client message, answered or not (RELEASE included).
+        self._on_request = on_request
         self._proto: _Protocol | None = None
 
     async def start(self) -> None:
@@ -173,6 +176,8 @@ class DhcpServer:
         """Answer one datagram when the modem would (its data call is up)."""
         grant = self._grant()
         request = parse(data)
+        if request is not None and self._on_request is not None:
+            self._on_request(request)
         if grant is None or request is None:
             return
         self._log(addr[0])

@@ -16,14 +16,17 @@ import asyncio
 import contextlib
 import os
 import socket
-import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 
+from hw_fixtures.addressing import ContextAddress
+from hw_fixtures.dataplane import DnsDatagrams, dns_answer, http_probe_reply
+from hw_fixtures.dhcp_server import DISCOVER, RELEASE, REQUEST, DhcpServer
 from hw_fixtures.netns_testing import create_netns, remove_netns, unique_name
+from hw_fixtures.netns_testing import inside as in_netns
 
 INTERNET = "198.19.0.1"
 TCP_PORT = 8080
@@ -77,16 +80,6 @@ class Lab:
         return f"198.18.{i + 1}.2"
 
 
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run this thread in namespace `name` for the block (sockets made inside stay there)."""
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
-
-
 def _link_up(ipr: IPRoute, ifname: str) -> int:
     idx = int(ipr.link_lookup(ifname=ifname)[0])
     ipr.link("set", index=idx, state="up")
@@ -134,23 +127,18 @@ def add_agent_address(lab: Lab, i: int) -> None:
         ipr.addr("add", index=idx, address=lab.address(i), prefixlen=24)
 
 
-class _Dns(asyncio.DatagramProtocol):
+class _Dns:
+    """The operator's DNS: records who asked, answers every A query with INTERNET."""
+
     def __init__(self, op: Operator) -> None:
         self.op = op
-        self.transport: asyncio.DatagramTransport | None = None
+        self.datagrams = DnsDatagrams(self)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def on_dns(self, data: bytes, addr: tuple[str, int]) -> None:
         self.op.record("dns", addr[0])
-        # Echo the question and answer it with one A record 198.19.0.1.
-        qid = data[:2]
-        question = data[12:]
-        header = qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0)
-        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(INTERNET)
-        assert self.transport is not None
-        self.transport.sendto(header + question + answer, addr)
+        answer = dns_answer(data, INTERNET)
+        if answer is not None and self.datagrams.transport is not None:
+            self.datagrams.transport.sendto(answer, addr)
 
 
 @contextlib.asynccontextmanager
@@ -169,8 +157,9 @@ async def operator_servers(lab: Lab) -> AsyncIterator[None]:
         async def http(r: asyncio.StreamReader, w: asyncio.StreamWriter, op: Operator = op) -> None:
             op.record("http", w.get_extra_info("peername")[0])
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                await r.readuntil(b"\r\n\r\n")
-                w.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                head = await r.readuntil(b"\r\n\r\n")
+                reply, _ = http_probe_reply(head.decode("latin-1").split("\r\n", 1)[0])
+                w.write(reply)
                 await w.drain()
             w.close()
 
@@ -185,7 +174,8 @@ async def operator_servers(lab: Lab) -> AsyncIterator[None]:
             udp.bind((INTERNET, DNS_PORT))
         servers.append(await asyncio.start_server(tcp, sock=socks[0]))
         servers.append(await asyncio.start_server(http, sock=socks[1]))
-        transport, _ = await loop.create_datagram_endpoint(lambda op=op: _Dns(op), sock=udp)
+        dns = _Dns(op)
+        transport, _ = await loop.create_datagram_endpoint(lambda d=dns: d.datagrams, sock=udp)
         transports.append(transport)
     try:
         yield
@@ -194,48 +184,6 @@ async def operator_servers(lab: Lab) -> AsyncIterator[None]:
             server.close()
         for transport in transports:
             transport.close()
-
-
-class _Dhcp(asyncio.DatagramProtocol):
-    """A DHCPv4 server that offers one address (what an ECM/RNDIS modem's own server does)."""
-
-    def __init__(self, op: Operator, offer: str) -> None:
-        self.op = op
-        self.offer = offer
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        from pyroute2.dhcp.dhcp4msg import dhcp4msg
-
-        msg = dhcp4msg(buf=data)
-        msg.decode()
-        kind = int(msg["options"]["message_type"])
-        self.op.record("dhcp", {1: "discover", 3: "request", 7: "release"}.get(kind, str(kind)))
-        reply_type = {1: 2, 3: 5}.get(kind)  # DISCOVER -> OFFER, REQUEST -> ACK
-        if reply_type is None or self.transport is None:
-            return
-        reply = dhcp4msg(
-            {
-                "op": 2,
-                "xid": msg["xid"],
-                "flags": msg["flags"],
-                "yiaddr": self.offer,
-                "siaddr": self.op.gateway,
-                "chaddr": msg["chaddr"],
-                "options": {
-                    "message_type": reply_type,
-                    "server_id": self.op.gateway,
-                    "lease_time": 3600,
-                    "subnet_mask": "255.255.255.0",
-                    "router": [self.op.gateway],
-                    "name_server": [INTERNET],
-                },
-            }
-        )
-        self.transport.sendto(reply.encode().buf, ("255.255.255.255", 68))
 
 
 @contextlib.asynccontextmanager
@@ -248,10 +196,16 @@ async def dhcp_server(lab: Lab, i: int) -> AsyncIterator[None]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, f"u{i}".encode())
         sock.bind(("0.0.0.0", 67))
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: _Dhcp(op, lab.address(i)), sock=sock
+    grant = ContextAddress(lab.address(i), 24, op.gateway, (INTERNET,))
+    kinds = {DISCOVER: "discover", REQUEST: "request", RELEASE: "release"}
+    server = DhcpServer(
+        sock,
+        lambda: grant,
+        lambda _source: None,
+        on_request=lambda req: op.record("dhcp", kinds.get(req.msg_type, str(req.msg_type))),
     )
+    await server.start()
     try:
         yield
     finally:
-        transport.close()
+        server.close()
