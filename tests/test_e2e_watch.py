@@ -34,7 +34,9 @@ async def watch_json(config: Path) -> dict[str, Any]:
     return snap
 
 
-async def test_watch_json_with_the_daemons_config_shows_the_daemon(tmp_path: Path) -> None:
+async def test_watch_json_with_the_daemons_config_shows_the_daemon_and_its_last_transition(
+    tmp_path: Path,
+) -> None:
     stack = DemoStack(tmp_path / "stack", broker="mosquitto")
     await stack.start()
     try:
@@ -53,6 +55,34 @@ async def test_watch_json_with_the_daemons_config_shows_the_daemon(tmp_path: Pat
         assert device["modems"], "the emulator's modems are listed"
         assert all(m["signal_bars"] is not None for m in device["modems"] if m["online"])
 
+        # The initial transition was retained: a viewer arriving now still sees it.
+        assert device["last_transition"]["kind"] == "initial"
+
+        # A failover: the daemon keeps its record retained on `<base>/<device>/transition`,
+        # and a snapshot taken afterwards (subscribing after the event went by) carries it.
+        mark = stack.mark()
+        await stack.control("link", modem="m0", state="down")
+        event = await stack.wait_transition(lambda d: d["to_layer"] == "failover", STEP_S, mark)
+        retained = await stack.wait_json("transition", lambda t: t["id"] == event["id"], STEP_S)
+        assert retained == event
+        (device,) = (await watch_json(stack.config_path))["devices"]
+        shown = device["last_transition"]
+        assert shown["id"] == event["id"]
+        assert (shown["kind"], shown["from_layer"], shown["to_layer"], shown["outcome"]) == (
+            "failover",
+            "primary",
+            "failover",
+            "switched",
+        )
+        assert (shown["from_profile"], shown["to_profile"]) == DEMO_ICCIDS[:2]
+        assert "primary is down" in shown["reason"]
+        # Wall-clock times of the device and its own measured durations: both readable here.
+        assert shown["detected_at"] <= shown["switched_at"] <= shown["verified_at"]
+        assert shown["verified_at"].endswith("Z")
+        timings = shown["timings_ms"]
+        assert timings["total"] == event["timings_ms"]["total"]
+        assert timings["total"] >= timings["decide_to_switch"] > 0
+
         # SIGKILL the daemon: the snapshot shows its Last Will as an alert.
         mark = stack.mark()
         await stack.stop_daemon(signal.SIGKILL)
@@ -62,6 +92,7 @@ async def test_watch_json_with_the_daemons_config_shows_the_daemon(tmp_path: Pat
         )
         (device,) = (await watch_json(stack.config_path))["devices"]
         assert device["availability"] == "offline"
+        assert device["last_transition"]["id"] == event["id"]  # retained beyond the daemon
         assert {"kind": "offline", "subject": device["device_id"], "detail": "Last Will"} in (
             device["alerts"]
         )

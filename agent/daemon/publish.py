@@ -56,10 +56,15 @@ class StatePublisher:
         bridge.publish_state(key, payload)
 
     def event(self, type_: str, data: Mapping[str, Any]) -> None:
-        """One event on `<base>/<device>/events` (not retained)."""
+        """One event on `<base>/<device>/events` (not retained). A finished transition is also
+        kept retained on `<base>/<device>/transition`: a viewer that subscribes later (`watch`)
+        still sees the last one, which an event it missed cannot give."""
         bridge = self._bridge()
-        if bridge is not None:
-            bridge.publish_event(Event(type=type_, data=dict(data)))
+        if bridge is None:
+            return
+        bridge.publish_event(Event(type=type_, data=dict(data)))
+        if type_ == "transition":
+            bridge.publish_state("transition", data)
 
     def modem(self, session: ModemSession) -> None:
         """A modem's state and its profile list."""

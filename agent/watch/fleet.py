@@ -69,15 +69,22 @@ class Timings(msgspec.Struct, kw_only=True):
 
 
 class TransitionView(msgspec.Struct, kw_only=True):
-    """The keys of a transition record (events, `transition`) the view shows."""
+    """A transition record (retained `transition`, or a `transition` event): its times are the
+    publishing device's wall clock (ISO 8601 UTC) and its durations are measured on that device,
+    so they mean the same on any host that reads them."""
 
+    id: str | None = None
     kind: str | None = None
     outcome: str | None = None
     from_layer: str | None = None
     to_layer: str | None = None
+    from_profile: str | None = None
+    to_profile: str | None = None
     reason: str | None = None
-    verified_at: str | None = None
+    detected_at: str | None = None
+    decided_at: str | None = None
     switched_at: str | None = None
+    verified_at: str | None = None
     timings_ms: Timings = msgspec.field(default_factory=Timings)
 
 

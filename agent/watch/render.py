@@ -75,6 +75,10 @@ def _transition(record: dict[str, Any] | None) -> Text:
         ]
         if parts:
             text.append(f" ({'+'.join(parts)})", style="dim")
+    # When, on the device's wall clock: `HH:MM:SS` of an ISO 8601 UTC time.
+    at = record.get("verified_at") or record.get("switched_at") or record.get("detected_at")
+    if isinstance(at, str) and "T" in at:
+        text.append(f"\nat {at.partition('T')[2][:8]}Z", style="dim")
     return text
 
 
