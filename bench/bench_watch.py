@@ -8,13 +8,18 @@ share: 7 messages, QoS 1) concurrently. `t_last` is when the last PUBACK came ba
 run, three observers start at `t_last`, one after the other:
 
 - `watch_cli`: `esim-agent watch --json` as a child process (interpreter start, imports,
-  connect, retained burst, the 0.3 s default quiet period, JSON on stdout): what a user or a script gets;
-- `watch_inproc`: the same snapshot() in this process (no interpreter start);
+  connect, subscribe, retained burst until its own marker comes back, JSON on stdout): what a
+  user or a script gets;
+- `watch_inproc`: the same snapshot() in this process (no interpreter start), with where its
+  time went: connect, subscribe + marker publish, the retained flood until the marker's echo,
+  and of that the Fleet's decoding (`phases_ms_p50`);
 - `baseline_raw`: a bare aiomqtt subscriber on `<base>/#` (QoS 0, MQTT 3.1.1 like watch)
   that stops once it holds all 7N retained topics and N states with this run's marker (it
   knows N, so it needs no quiet period and folds nothing).
 
-A run counts only when the snapshot holds all N devices with this run's `updated_at` marker.
+A run counts only when the snapshot holds all N devices with this run's `updated_at` marker
+and ended on its marker's echo (`settled: "marker"`, not a quiet-period guess). `cli_startup`
+is `esim-agent watch --help` (interpreter and imports, no broker), measured in the same run.
 Scenarios: `one_broker` (siblings and observers on one Mosquitto) and `bridged` (siblings on a
 "van" Mosquitto bridged with config/mosquitto/bridge.conf to a "home" one; observers at home).
 """
@@ -50,7 +55,6 @@ from tests.watch_fleet import BASE, device_tree  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "watch.json"
 GOAL_S = 2.0
-QUIET_S = DEFAULT_QUIET_S
 WAIT_S = 60.0
 CONNECT_CONCURRENCY = 50
 
@@ -120,8 +124,6 @@ async def watch_cli(broker: MosquittoBroker, n: int, marker: str, t_last: float)
         "--json",
         "--broker",
         f"mqtt://{broker.host}:{broker.port}",
-        "--quiet-period",
-        str(QUIET_S),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -131,18 +133,44 @@ async def watch_cli(broker: MosquittoBroker, n: int, marker: str, t_last: float)
     snap = json.loads(out)
     if proc.returncode != 0 or not _complete(snap["devices"], n, marker):
         raise RuntimeError(f"watch --json saw {len(snap['devices'])} devices, not all {n} fresh")
+    if snap["settled"] != "marker":
+        raise RuntimeError(f"watch --json settled by {snap['settled']}, not its marker")
     return elapsed
+
+
+PHASES: list[dict[str, float]] = []
 
 
 async def watch_inproc(broker: MosquittoBroker, n: int, marker: str, t_last: float) -> float:
     settings = MqttSettings(host=broker.host, port=broker.port, base_topic=BASE)
     fleet = Fleet(BASE)
-    await snapshot(settings, fleet, quiet=QUIET_S, timeout=WAIT_S)
+    run = await snapshot(settings, fleet, quiet=DEFAULT_QUIET_S, timeout=WAIT_S)
     elapsed = time.perf_counter() - t_last
     snap = fleet.snapshot(broker="", complete=True)
-    if not _complete(snap["devices"], n, marker):
-        raise RuntimeError(f"in-process snapshot saw {len(snap['devices'])} devices")
+    if not _complete(snap["devices"], n, marker) or run.settled != "marker":
+        raise RuntimeError(f"in-process snapshot saw {len(snap['devices'])} ({run.settled})")
+    PHASES.append(
+        {
+            "connect": run.connect_s,
+            "subscribe_and_marker": run.subscribe_s,
+            "flood_to_marker_echo": run.flood_s,
+            "of_which_fleet_ingest": run.ingest_s,
+        }
+    )
     return elapsed
+
+
+def cli_startup() -> float:
+    """`esim-agent watch --help`: what the CLI costs before it touches the broker."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "agent", "watch", "--help"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return time.perf_counter() - started
 
 
 async def baseline_raw(broker: MosquittoBroker, n: int, marker: str, t_last: float) -> float:
@@ -183,6 +211,8 @@ async def scenario(
 ) -> dict[str, Any]:
     samples: dict[str, list[float]] = {"watch_cli": [], "watch_inproc": [], "baseline_raw": []}
     publish_s: list[float] = []
+    startup_s: list[float] = []
+    PHASES.clear()
     async with Siblings(publish_to, n) as siblings:
         for run in range(runs):
             for name, observer in (
@@ -195,7 +225,12 @@ async def scenario(
                 t_last = await siblings.publish_all(marker)
                 publish_s.append(t_last - started)
                 samples[name].append(await observer(observe, n, marker, t_last))
+            startup_s.append(await asyncio.to_thread(cli_startup))
     out: dict[str, Any] = {name: _stats(values) for name, values in samples.items()}
+    out["cli_startup_ms_p50"] = round(float(statistics.median(startup_s)) * 1000, 1)
+    out["watch_inproc"]["phases_ms_p50"] = {
+        k: round(float(statistics.median(p[k] for p in PHASES)) * 1000, 1) for k in PHASES[0]
+    }
     out["publish_all_ms_p50"] = round(float(statistics.median(publish_s)) * 1000, 1)
     return out
 
@@ -224,10 +259,12 @@ async def main(n: int, runs: int) -> dict[str, Any]:
         "devices": n,
         "messages_per_device": len(device_tree("x")),
         "goal_s": GOAL_S,
-        "quiet_period_s": QUIET_S,
+        "settled_by": "marker echo",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        # The machine is shared: the load says how much CPU the run had to compete for.
+        "loadavg_start": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
         root = Path(tmp)
@@ -240,6 +277,7 @@ async def main(n: int, runs: int) -> dict[str, Any]:
             with ConfiguredMosquitto(root / "van", lines) as van:
                 await _bridge_up(home)
                 result["bridged"] = await scenario(van, home, n, runs)
+    result["loadavg_end"] = round(os.getloadavg()[0], 2)
     return result
 
 

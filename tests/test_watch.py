@@ -97,8 +97,18 @@ def test_json_snapshot_has_every_device_in_the_documented_shape(broker: Mosquitt
     seed(broker)
     code, snap = run_json(broker)
     assert code == 0
-    assert set(snap) == {"base_topic", "broker", "taken_at", "complete", "rejected", "devices"}
+    assert set(snap) == {
+        "base_topic",
+        "broker",
+        "taken_at",
+        "complete",
+        "settled",
+        "rejected",
+        "devices",
+    }
     assert snap["complete"] is True
+    # It knew the retained state was all in by its own marker's echo, not by a silence.
+    assert snap["settled"] == "marker"
     assert snap["rejected"] == 4
     devices = {d["device_id"]: d for d in snap["devices"]}  # type: ignore[attr-defined]
     assert sorted(devices) == ["forger", "phone", "tablet", "watch"]

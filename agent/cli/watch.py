@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 EXIT_RUNTIME = 1
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_BASE = "esim-agent"
-#: The broker sends retained messages back to back after SUBACK; this long a gap ends them.
-DEFAULT_QUIET_S = 0.3
+#: Only when our marker cannot come back (an ACL that forbids the viewer to write under its
+#: own tree): this long a gap in the retained messages ends the snapshot.
+DEFAULT_QUIET_S = 1.0
 #: Shortest time between two redraws: a burst of retained messages paints once, not 1,000 times.
 MIN_FRAME_S = 0.1
 
@@ -54,14 +55,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=positive_seconds,
         default=DEFAULT_QUIET_S,
         metavar="SECONDS",
-        help=f"--json: snapshot once no message arrived for this long (default {DEFAULT_QUIET_S})",
+        help="--json: when the broker does not echo our marker, snapshot once no message "
+        f"arrived for this long (default {DEFAULT_QUIET_S})",
     )
     p.add_argument(
         "--timeout",
         type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="--json: give up waiting for quiet after this long (default 10)",
+        help="--json: print what arrived after this long, with complete: false (default 10)",
     )
     p.set_defaults(handler=_watch)
 
@@ -102,13 +104,13 @@ def _watch(args: argparse.Namespace) -> int:
         from agent.watch.session import snapshot
 
         try:
-            complete = asyncio.run(
+            run = asyncio.run(
                 snapshot(settings, fleet, quiet=args.quiet_period, timeout=args.timeout)
             )
         except BrokerUnreachable as exc:
             error(str(exc), "broker")
             return EXIT_RUNTIME
-        print_json(fleet.snapshot(broker=broker, complete=complete))
+        print_json(fleet.snapshot(broker=broker, complete=run.complete, settled=run.settled))
         return 0
     asyncio.run(_live(settings, fleet, broker))
     return 0

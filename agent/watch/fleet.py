@@ -337,13 +337,17 @@ class Fleet:
             return _put(self._device(device_id).quota_events, subject, dict(event.data))
         return False
 
-    def snapshot(self, *, broker: str, complete: bool) -> dict[str, Any]:
-        """The `esim-agent watch --json` document."""
+    def snapshot(
+        self, *, broker: str, complete: bool, settled: str | None = None
+    ) -> dict[str, Any]:
+        """The `esim-agent watch --json` document; `settled` says how the snapshot knew it was
+        done (`marker`, `quiet`, `timeout`; None for the live view)."""
         return {
             "base_topic": self.base,
             "broker": broker,
             "taken_at": utc_now(),
             "complete": complete,
+            "settled": settled,
             "rejected": self.rejected,
             "devices": [self.devices[d].to_dict() for d in sorted(self.devices)],
         }

@@ -1,14 +1,18 @@
 """The watch's broker side: subscribe to every device's retained tree, feed a Fleet.
 
-Two uses: `snapshot()` collects until the retained messages stop coming (a quiet period,
-bounded by a timeout); `follow()` keeps the Fleet current and calls back on every change,
+Two uses: `snapshot()` collects the retained state once and knows when it has all of it (a
+marker echo, below); `follow()` keeps the Fleet current and calls back on every change,
 reconnecting with backoff when the broker goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import aiomqtt
 import structlog
@@ -16,6 +20,7 @@ import structlog
 from agent.backoff import backoff_delay
 from agent.mqtt.bridge import MqttSettings
 from agent.mqtt.reach import BrokerUnreachable, observer_client
+from agent.mqtt.topics import check_segment
 from agent.watch.fleet import Fleet
 
 log = structlog.get_logger(__name__)
@@ -30,10 +35,45 @@ CONNECT_TIMEOUT_S = 10.0
 # A viewer needs no MQTT 5 feature, and paho builds a Properties object for every v5 message:
 # with 3.1.1 a 1,000-device retained burst is read in about half the time.
 PROTOCOL = aiomqtt.ProtocolVersion.V311
+#: The marker's level under the viewer's own `<base>/<username>/` tree (the shipped ACL lets
+#: every user write there); `_watch` stands in without a username (no device id starts with `_`).
+SYNC_LEVEL = "watch-sync"
+ANONYMOUS = "_watch"
+
+Settled = Literal["marker", "quiet", "timeout"]
 
 
-async def _subscribe(client: aiomqtt.Client, fleet: Fleet) -> None:
-    await client.subscribe([(f, QOS) for f in fleet.filters], timeout=CONNECT_TIMEOUT_S)
+@dataclass(slots=True)
+class SnapshotRun:
+    """How one snapshot went: how it ended and where the time went (seconds)."""
+
+    settled: Settled = "timeout"
+    connect_s: float = 0.0
+    subscribe_s: float = 0.0
+    #: SUBACK to the marker's echo (or the quiet period's end): the retained flood.
+    flood_s: float = 0.0
+    #: Of flood_s, the time spent folding messages into the Fleet.
+    ingest_s: float = 0.0
+    messages: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether the snapshot saw the whole retained state (not cut off by the timeout)."""
+        return self.settled != "timeout"
+
+
+def sync_topic(settings: MqttSettings, nonce: str) -> str:
+    """Where a snapshot sends its marker: under the viewer's own tree, on no fleet topic."""
+    user = settings.username or ANONYMOUS
+    try:
+        check_segment(user)
+    except ValueError:
+        user = ANONYMOUS
+    return f"{settings.base_topic}/{user}/{SYNC_LEVEL}/{nonce}"
+
+
+async def _subscribe(client: aiomqtt.Client, filters: list[str]) -> None:
+    await client.subscribe([(f, QOS) for f in filters], timeout=CONNECT_TIMEOUT_S)
 
 
 def _payload(message: aiomqtt.Message) -> bytes:
@@ -41,53 +81,102 @@ def _payload(message: aiomqtt.Message) -> bytes:
     return value if isinstance(value, bytes) else b""
 
 
-async def snapshot(settings: MqttSettings, fleet: Fleet, *, quiet: float, timeout: float) -> bool:
-    """Fill `fleet` from the broker; True when a quiet period was reached before `timeout`.
+async def snapshot(
+    settings: MqttSettings, fleet: Fleet, *, quiet: float, timeout: float
+) -> SnapshotRun:
+    """Fill `fleet` with the broker's retained state; BrokerUnreachable without a session.
 
-    The broker sends retained messages right after SUBACK, back to back: a gap of `quiet`
-    seconds means they are all in. BrokerUnreachable when no session could be had.
+    The broker sends a subscription's retained messages before anything published after the
+    SUBSCRIBE (one client's packets are handled in order, and one session's QoS 0 messages
+    are delivered in order). So after SUBACK we publish a random marker to a topic we also
+    subscribed to: its echo means every retained message is in, however slow the machine or
+    the link (through a bridge too: the retained state is the local broker's). When the marker
+    cannot come back (an ACL that lets us read but not write) a gap of `quiet` seconds ends it.
     """
     where = f"{settings.host}:{settings.port}"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    run = SnapshotRun()
+    nonce = secrets.token_hex(8)
+    marker, marker_payload = sync_topic(settings, nonce), nonce.encode()
     last = [loop.time()]
 
     async def consume(client: aiomqtt.Client) -> None:
         # One plain `async for`: a per-message wait_for would cost a task per retained message.
+        ingest = fleet.ingest
+        clock = time.perf_counter
         async for message in client.messages:
-            fleet.ingest(message.topic.value, _payload(message))
+            topic = message.topic.value
+            if topic == marker:
+                if message.payload == marker_payload:
+                    return
+                continue
+            t0 = clock()
+            ingest(topic, _payload(message))
+            run.ingest_s += clock() - t0
+            run.messages += 1
             last[0] = loop.time()
+        raise aiomqtt.MqttError("the message stream ended")
 
+    t0 = time.perf_counter()
     try:
         async with observer_client(
             settings, "watch", min(timeout, CONNECT_TIMEOUT_S), PROTOCOL
         ) as client:
-            await _subscribe(client, fleet)
+            t1 = time.perf_counter()
+            run.connect_s = t1 - t0
+            await _subscribe(client, [*fleet.filters, marker])
+            await client.publish(marker, marker_payload, qos=QOS, timeout=CONNECT_TIMEOUT_S)
+            t2 = time.perf_counter()
+            run.subscribe_s = t2 - t1
             last[0] = loop.time()
             consumer = asyncio.create_task(consume(client))
             try:
-                while True:
-                    now = loop.time()
-                    # A starved process wakes with its timer and unread messages together:
-                    # only an empty queue after the quiet period means the burst is over.
-                    if now - last[0] >= quiet and not len(client.messages):
-                        return True
-                    if now >= deadline:
-                        return False
-                    # Wake when the quiet period would end if nothing else arrives.
-                    wait_s = max(0.0, min(last[0] + quiet, deadline) - now)
-                    await asyncio.wait({consumer}, timeout=wait_s)
-                    if consumer.done():
-                        consumer.result()  # the broker went away: raise its error
+                run.settled = await _settle(consumer, client, last, quiet, deadline)
             finally:
                 consumer.cancel()
                 await asyncio.gather(consumer, return_exceptions=True)
+            run.flood_s = time.perf_counter() - t2
     except aiomqtt.MqttCodeError as exc:
         raise BrokerUnreachable(f"{where} refused the connection: {exc}") from None
     except aiomqtt.MqttError as exc:
         raise BrokerUnreachable(f"{where}: {exc}") from None
     except OSError as exc:
         raise BrokerUnreachable(f"{where}: {exc.strerror or exc}") from None
+    log.debug(
+        "watch_snapshot",
+        settled=run.settled,
+        messages=run.messages,
+        connect_s=round(run.connect_s, 3),
+        subscribe_s=round(run.subscribe_s, 3),
+        flood_s=round(run.flood_s, 3),
+        ingest_s=round(run.ingest_s, 3),
+    )
+    return run
+
+
+async def _settle(
+    consumer: asyncio.Task[None],
+    client: aiomqtt.Client,
+    last: list[float],
+    quiet: float,
+    deadline: float,
+) -> Settled:
+    """Wait for the marker's echo (the consumer returns), else a quiet gap, else the deadline."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if consumer.done():
+            consumer.result()  # the broker went away: raise its error
+            return "marker"
+        now = loop.time()
+        # A starved process wakes with its timer and unread messages together: only an empty
+        # queue after the quiet period means nothing more is coming.
+        if now - last[0] >= quiet and not len(client.messages):
+            return "quiet"
+        if now >= deadline:
+            return "timeout"
+        wait_s = max(0.0, min(last[0] + quiet, deadline) - now)
+        await asyncio.wait({consumer}, timeout=wait_s)
 
 
 async def follow(
@@ -105,7 +194,7 @@ async def follow(
     while True:
         try:
             async with observer_client(settings, "watch", CONNECT_TIMEOUT_S, PROTOCOL) as client:
-                await _subscribe(client, fleet)
+                await _subscribe(client, fleet.filters)
                 attempt = 0
                 on_change(None)
                 async for message in client.messages:
