@@ -136,6 +136,7 @@ async def test_retained_state_and_claims_cross_both_ways_and_watch_sees_both_sid
 
     for side in (home, van):
         snap = watch_json(side)
+        assert snap["settled"] == "marker", side  # its own marker came back over this broker
         devices = {d["device_id"]: d for d in snap["devices"]}
         assert sorted(devices) == ["phone", "tablet"], side
         assert devices["phone"]["availability"] == "online"
