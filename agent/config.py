@@ -275,6 +275,17 @@ class RspConfig(_Section):
     ci_certs: list[str] = msgspec.field(default_factory=list)
     #: "HOST:PORT:ADDR" overrides for test networks (TLS still checks HOST).
     resolve: list[str] = msgspec.field(default_factory=list)
+    #: The daemon sends pending eUICC notifications to their SM-DP+ on its own; None (unset)
+    #: means on exactly when `ci_certs` are configured (without them no SM-DP+ can be trusted).
+    notifications: bool | None = None
+    #: Backoff of one SM-DP+ that failed: the first wait, doubled per failure up to the cap.
+    notification_retry_initial: float = 30.0
+    notification_retry_max: float = 3600.0
+
+    @property
+    def notifications_on(self) -> bool:
+        """Whether the daemon's notification courier runs."""
+        return bool(self.ci_certs) if self.notifications is None else self.notifications
 
 
 class ControlConfig(_Section):
@@ -701,6 +712,17 @@ def _validate_rsp(rsp: RspConfig, base_dir: Path) -> None:
         except ConfigError as exc:
             raise _Invalid(f"rsp.resolve[{i}]", exc.reason) from None
     rsp.ci_certs = [str(base_dir / c) if not Path(c).is_absolute() else c for c in rsp.ci_certs]
+    _check(
+        not (rsp.notifications and not rsp.ci_certs),
+        "rsp.notifications",
+        "needs rsp.ci_certs (the CI roots an SM-DP+ is checked against)",
+    )
+    _check(rsp.notification_retry_initial > 0, "rsp.notification_retry_initial", "must be > 0")
+    _check(
+        rsp.notification_retry_max >= rsp.notification_retry_initial,
+        "rsp.notification_retry_max",
+        "must be >= rsp.notification_retry_initial",
+    )
 
 
 def _validate_apn(layer: LayerConfig, key: str, base_dir: Path) -> None:

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from hw_fixtures import rsp_crypto as rc
-from hw_fixtures.euicc import iccid_to_bcd
+from hw_fixtures.euicc import bcd_to_iccid, iccid_to_bcd
 from hw_fixtures.pki import TestPki
 
 log = structlog.get_logger(__name__)
@@ -145,6 +145,9 @@ class SmdpCore:
     calls: list[str] = field(default_factory=list)
     device_tacs: list[str] = field(default_factory=list)  # deviceInfo.tac of each client, hex
     called: dict[str, asyncio.Event] = field(default_factory=dict)  # set once a function ran
+    # handleNotification answers Failed with these (subject, reason) codes while set.
+    refuse_notifications: tuple[str, str] | None = None
+    refused: list[dict[str, Any]] = field(default_factory=list)  # what was refused, as recorded
 
     def offer(self, offer: Offer) -> Offer:
         """Add a profile for download."""
@@ -370,7 +373,11 @@ class SmdpCore:
     def _handle_notification(self, body: dict[str, Any]) -> tuple[int, None]:
         raw = unb64(body.get("pendingNotification"))
         top = rc.parse(raw)[0]
-        record: dict[str, Any] = {"raw": raw.hex().upper()}
+        record: dict[str, Any] = {"raw": raw.hex().upper(), **_notification_metadata(raw)}
+        if self.refuse_notifications is not None:
+            self.refused.append(record)
+            subject, reason = self.refuse_notifications
+            raise Es9Failure(subject, reason, "notification refused (injected)")
         if top[0] == 0xBF37:
             data = rc.parse(top[1])
             pir = data[0]
@@ -428,6 +435,46 @@ class SmdpCore:
             session.offer.state = "released"  # the order is available again (§3.1.3.4)
         self.cancelled.append((session.transaction_id.hex().upper(), reason))
         return 200, _executed()
+
+
+_OPERATIONS: Final = ("install", "enable", "disable", "delete")
+
+
+def _notification_metadata(raw: bytes) -> dict[str, Any]:
+    """seq, operation and iccid of a pending notification's NotificationMetadata (BF2F),
+    wherever it sits (inside a ProfileInstallationResult or an OtherSignedNotification)."""
+
+    def find(data: bytes) -> bytes | None:
+        for tag, value, _whole in rc.parse(data):
+            if tag == 0xBF2F:
+                return value
+            if tag in (0xBF37, 0xBF27, 0x30, 0xA0):
+                found = find(value)
+                if found is not None:
+                    return found
+        return None
+
+    try:
+        meta = find(raw)
+        if meta is None:
+            return {}
+        fields = rc.parse(meta)
+        seq = rc.child(fields, 0x80)
+        ops = rc.child(fields, 0x81)
+        iccid = rc.child(fields, 0x5A)
+        operation = None
+        if ops is not None and len(ops[0]) >= 2:
+            bits = ops[0][1]
+            operation = next(
+                (name for i, name in enumerate(_OPERATIONS) if bits & (0x80 >> i)), None
+            )
+        return {
+            "seq": int.from_bytes(seq[0], "big") if seq else None,
+            "operation": operation,
+            "iccid": bcd_to_iccid(iccid[0]) if iccid else None,
+        }
+    except (ValueError, IndexError):
+        return {}
 
 
 class SmdpServer:

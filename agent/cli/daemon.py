@@ -184,6 +184,12 @@ def _status(args: argparse.Namespace) -> int:
             )
         )
     print_table(("modem", "port", "state", "profile", "reg", "act", "rssi", "operator"), rows)
+    notes = st.get("notifications")
+    if notes and notes.get("enabled"):
+        pending = "?" if notes["pending"] is None else notes["pending"]
+        retry = notes.get("next_retry_s")
+        when = f", next retry in {retry:g} s" if retry is not None else ""
+        sys.stdout.write(f"\nnotifications: {pending} pending{when}\n")
     if st["timeline"]:
         sys.stdout.write("\n")
         print_table(

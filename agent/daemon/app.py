@@ -30,6 +30,7 @@ from agent.daemon.evidence import EvidenceFeeds
 from agent.daemon.hooks import HookQueue
 from agent.daemon.liveness import session_bound, stalled
 from agent.daemon.metering import Metering
+from agent.daemon.notify import NotificationCourier
 from agent.daemon.preflight import (
     EX_CANTCREAT,
     EX_NOPERM,
@@ -153,6 +154,8 @@ class Daemon:
             ]
         )
         self.evidence.listeners.append(self._on_evidence)
+        #: Pending eUICC notifications to their SM-DP+ (docs/notifications.md).
+        self.courier = NotificationCourier(self)
         self.commands: CommandTable = DaemonCommands(self).table()
         self._events: asyncio.Queue[PolicyEvent] = asyncio.Queue()
         self._policy_open = False
@@ -251,6 +254,7 @@ class Daemon:
         self._open_policy()
         self.supervisor.start("policy", self._policy_loop)
         self.supervisor.start("tick", self._tick_loop)
+        self.supervisor.start("notifications", self.courier.run)
         if sdnotify.watchdog_interval() is not None:
             self.supervisor.start("watchdog", lambda: sdnotify.run_watchdog(self._alive))
         sdnotify.ready(f"running; {len(self.sessions)} modem(s)")
@@ -648,6 +652,7 @@ class Daemon:
                 LayerHealth(layer=name, health=Health(state), reason=reason, now=time.monotonic())
             )
             self._publish_layers()
+            self.courier.link_changed()
         self.publisher.health(name, self.monitors[name].snapshot(), self.fed)
 
     def _on_monitor_change(self, name: str, _health: MonitorHealth) -> None:
@@ -667,6 +672,7 @@ class Daemon:
                 self.feed(layer.name)
         self.publisher.modem(session)
         self._publish_device()
+        self.courier.session_updated(session)
 
     # ---- the policy loop -------------------------------------------------------------------
 
@@ -691,6 +697,7 @@ class Daemon:
                 self._publish_layers()
                 self._publish_device()
                 sdnotify.status(f"active layer: {self.policy.active or 'none'}")
+                self.courier.link_changed()
 
     async def submit(self, event: PolicyEvent) -> list[Action]:
         """Hand an event to the policy and return the actions it decided."""

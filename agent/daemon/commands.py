@@ -262,6 +262,7 @@ class DaemonCommands:
             "policy": summary(policy) if policy is not None else {},
             "tasks": d.supervisor.snapshot(),
             "timeline": d.timeline.recent(20),
+            "notifications": d.courier.snapshot(),
             "uptime_s": round(time.time() - d.started_at, 1),
         }
 

@@ -7,7 +7,8 @@ the only record that a profile was removed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -16,6 +17,8 @@ import structlog
 
 from agent.backoff import backoff_delay
 from agent.errors import AgentError, ApduError, Es10Error, ParseError
+from agent.euicc.es9 import Es9Refused
+from agent.euicc.es10 import PendingNotification
 from agent.euicc.lpa import Lpa
 
 log = structlog.get_logger(__name__)
@@ -26,36 +29,51 @@ RETRY_MAX_S: Final = 3600.0  # an SM-DP+ down for a day is still tried every hou
 
 @dataclass
 class RetrySchedule:
-    """Per-notification backoff, pure: the caller passes the clock. Keyed by sequence number, so
-    it survives nothing on its own — after a restart every notification is simply due again."""
+    """Backoff per key, pure: the caller passes the clock. A key is an SM-DP+ address (it is
+    unreachable: all its notifications wait) or an (address, seq) pair (it refused that one
+    notification). Kept in memory only: after a restart everything is simply due again."""
 
     initial: float = RETRY_INITIAL_S
     maximum: float = RETRY_MAX_S
     rand: Callable[[], float] | None = None
-    _failures: dict[int, int] = field(default_factory=dict)
-    _next: dict[int, float] = field(default_factory=dict)
+    _failures: dict[Hashable, int] = field(default_factory=dict)
+    _next: dict[Hashable, float] = field(default_factory=dict)
 
-    def due(self, seq: int, now: float) -> bool:
-        """Whether seq may be tried at now."""
-        return self._next.get(seq, float("-inf")) <= now
+    def due(self, key: Hashable, now: float) -> bool:
+        """Whether key may be tried at now."""
+        return self._next.get(key, float("-inf")) <= now
 
-    def failed(self, seq: int, now: float) -> float:
+    def failed(self, key: Hashable, now: float) -> float:
         """Record a failed attempt; returns when the next one is due."""
-        attempt = self._failures.get(seq, 0)
-        self._failures[seq] = attempt + 1
+        attempt = self._failures.get(key, 0)
+        self._failures[key] = attempt + 1
         kwargs = {} if self.rand is None else {"rand": self.rand}
-        self._next[seq] = now + backoff_delay(attempt, self.initial, self.maximum, **kwargs)
-        return self._next[seq]
+        self._next[key] = now + backoff_delay(attempt, self.initial, self.maximum, **kwargs)
+        return self._next[key]
 
-    def accepted(self, seq: int) -> None:
-        """Forget seq: it left the card."""
-        self._failures.pop(seq, None)
-        self._next.pop(seq, None)
+    def accepted(self, key: Hashable) -> None:
+        """Forget key: it worked."""
+        self._failures.pop(key, None)
+        self._next.pop(key, None)
 
     def link_up(self) -> None:
         """A new good link: everything is due now (the SM-DP+ may have been unreachable only
-        because we were)."""
+        because we were). The failure counts stay, so a server that is really down keeps its
+        long steps after its next failure."""
         self._next.clear()
+
+    def next_due(self, now: float) -> float | None:
+        """The earliest time after now that some key waits for, if any still waits."""
+        return min((t for t in self._next.values() if t > now), default=None)
+
+    def waiting(self, key: Hashable, now: float) -> float | None:
+        """When key is due again, if it waits at now."""
+        t = self._next.get(key)
+        return t if t is not None and t > now else None
+
+    def failures(self, key: Hashable) -> int:
+        """Failed attempts of key since it last worked."""
+        return self._failures.get(key, 0)
 
 
 class NotificationSink(Protocol):
@@ -78,6 +96,92 @@ class NotificationOutcome(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
+#: Bound on one handleNotification beyond the client's own deadlines (any sink, any transport).
+DELIVERY_TIMEOUT_S: Final = 90.0
+
+
+def outcome_of(item: PendingNotification) -> NotificationOutcome:
+    """A not-yet-tried outcome for one pending notification."""
+    meta = item.metadata
+    return NotificationOutcome(
+        seq_number=meta.seq_number,
+        operation=meta.profile_management_operation,
+        iccid=meta.iccid,
+        address=meta.notification_address,
+        sent=False,
+        removed=False,
+    )
+
+
+async def deliver(
+    pending: Sequence[PendingNotification],
+    sink_for: Callable[[str], NotificationSink],
+    *,
+    schedule: RetrySchedule | None = None,
+    now: float = 0.0,
+    timeout: float = DELIVERY_TIMEOUT_S,
+) -> list[NotificationOutcome]:
+    """Send each notification to its SM-DP+; nothing is removed here (the caller removes the
+    sent ones from the eUICC). With a schedule, what is not due at now is skipped; an SM-DP+ that
+    cannot be reached backs off as a whole (its other notifications are not tried in this pass)
+    and one that refuses a notification backs off that notification only."""
+    out: list[NotificationOutcome] = []
+    down: set[str] = set()
+    for item in pending:
+        outcome = outcome_of(item)
+        address = outcome.address
+        seq = outcome.seq_number
+        if not address:
+            outcome.error = "no notification address"
+            out.append(outcome)
+            continue
+        if schedule is not None and (
+            not schedule.due(address, now) or not schedule.due((address, seq), now)
+        ):
+            continue
+        if address in down:
+            continue
+        out.append(outcome)
+        try:
+            async with asyncio.timeout(timeout):
+                await sink_for(address).handle_notification(bytes.fromhex(item.raw))
+        except (AgentError, TimeoutError) as exc:
+            outcome.error = str(exc) or f"no answer within {timeout:g} s"
+            refused = isinstance(exc, Es9Refused)
+            log.info(
+                "notification_not_accepted",
+                seq=seq,
+                address=address,
+                refused=refused,
+                error=outcome.error,
+            )
+            if not refused:
+                down.add(address)
+            if schedule is not None:
+                schedule.failed((address, seq) if refused else address, now)
+            continue
+        outcome.sent = True
+        if schedule is not None:
+            schedule.accepted(address)
+            schedule.accepted((address, seq))
+    return out
+
+
+async def remove_sent(lpa: Lpa, outcomes: Sequence[NotificationOutcome]) -> None:
+    """NotificationSent for every outcome the SM-DP+ accepted; marks each removed or says why
+    not (it is then sent again later: SM-DP+ servers take a repeated notification)."""
+    for outcome in outcomes:
+        if not outcome.sent:
+            continue
+        try:
+            await lpa.remove_notification(outcome.seq_number)
+        except (Es10Error, ApduError, ParseError) as exc:
+            outcome.error = f"sent, but not removed from the eUICC: {exc}"
+            continue
+        outcome.removed = True
+        log.info("notification_delivered", seq=outcome.seq_number, operation=outcome.operation)
+
+
 async def process_notifications(
     lpa: Lpa,
     sink_for: Callable[[str], NotificationSink],
@@ -89,39 +193,6 @@ async def process_notifications(
     """Send every pending notification (or only seq) to its address; remove the accepted ones.
     With a schedule, notifications not due at now are skipped and failures back off."""
     pending = await lpa.retrieve_notifications(seq)
-    out: list[NotificationOutcome] = []
-    for item in pending:
-        meta = item.metadata
-        if schedule is not None and not schedule.due(meta.seq_number, now):
-            continue
-        outcome = NotificationOutcome(
-            seq_number=meta.seq_number,
-            operation=meta.profile_management_operation,
-            iccid=meta.iccid,
-            address=meta.notification_address,
-            sent=False,
-            removed=False,
-        )
-        out.append(outcome)
-        if not meta.notification_address:
-            outcome.error = "no notification address"
-            continue
-        try:
-            await sink_for(meta.notification_address).handle_notification(bytes.fromhex(item.raw))
-        except AgentError as exc:
-            outcome.error = str(exc)
-            log.info("notification_not_accepted", seq=meta.seq_number, error=str(exc))
-            if schedule is not None:
-                schedule.failed(meta.seq_number, now)
-            continue
-        outcome.sent = True
-        if schedule is not None:
-            schedule.accepted(meta.seq_number)
-        try:
-            await lpa.remove_notification(meta.seq_number)
-        except (Es10Error, ApduError, ParseError) as exc:
-            outcome.error = f"sent, but not removed from the eUICC: {exc}"
-            continue
-        outcome.removed = True
-        log.info("notification_delivered", seq=meta.seq_number, operation=outcome.operation)
+    out = await deliver(pending, sink_for, schedule=schedule, now=now)
+    await remove_sent(lpa, out)
     return out
