@@ -43,9 +43,9 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = STEP_S) -
             await asyncio.sleep(0.1)
 
 
-def scenario(tmp_path: Path, address: str) -> Path:
+def scenario(tmp_path: Path, address: str, spare_address: str | None = None) -> Path:
     """The demo's two modems, every profile's notifications addressed to the test SM-DP+, and
-    a spare profile on the dongle."""
+    a spare profile on the dongle (its notifications to spare_address when given)."""
     lines = []
     for line in DEMO_SCENARIO.read_text().splitlines():
         lines.append(line)
@@ -59,7 +59,7 @@ def scenario(tmp_path: Path, address: str) -> Path:
         'provider = "Spare Telecom"',
         'operator_name = "Spare Telecom"',
         'mcc_mnc = "20810"',
-        f'notification_address = "{address}"',
+        f'notification_address = "{spare_address or address}"',
     ]
     path = tmp_path / "scenario.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -83,13 +83,16 @@ async def make_stack(
     assert test_pki.directory is not None
     pki_dir = test_pki.directory
 
-    async def make(retry_initial: float = 1.0, retry_max: float = 2.0) -> DemoStack:
+    async def make(
+        retry_initial: float = 1.0, retry_max: float = 2.0, spare_smdp: SmdpServer | None = None
+    ) -> DemoStack:
         address = smdp.core.address
 
         def tune(cfg: dict[str, Any]) -> None:
             cfg["rsp"] = {
                 "ci_certs": [str(pki_dir / "ci.pem")],
-                "resolve": [f"{address}:127.0.0.1"],
+                "resolve": [f"{address}:127.0.0.1"]
+                + ([f"{spare_smdp.core.address}:127.0.0.1"] if spare_smdp else []),
                 "notification_retry_initial": retry_initial,
                 "notification_retry_max": retry_max,
             }
@@ -97,7 +100,7 @@ async def make_stack(
         stack = DemoStack(
             tmp_path / f"stack{len(stacks)}",
             broker="mosquitto",
-            scenario=scenario(tmp_path, address),
+            scenario=scenario(tmp_path, address, spare_smdp.core.address if spare_smdp else None),
             emulator_args=("--pki", str(pki_dir)),
             tune=tune,
         )
@@ -265,3 +268,44 @@ async def test_a_delete_notification_survives_sigkill_and_restart(
     assert (sent["iccid"], sent["removed"]) == (SPARE, True)
     assert received(smdp) == [("delete", SPARE)]
     assert await on_card(stack) == []
+
+
+async def test_a_slow_smdp_holds_back_no_other(
+    make_stack: StackFactory, smdp: SmdpServer, test_pki: TestPki
+) -> None:
+    slow = SmdpServer(SmdpCore(pki=test_pki, address=test_pki.smdp_host))
+    await slow.start()
+    try:
+        slow.core.address = f"{test_pki.smdp_host}:{slow.port}"
+        slow.core.delays["handleNotification"] = 600.0  # answers long after the test is over
+        stack = await make_stack(spare_smdp=slow)
+        mark = stack.mark()
+        # Disables ROAM (its SM-DP+ answers) and enables SPARE (its SM-DP+ hangs).
+        report = await daemon(stack, "profile_enable", modem="m1", iccid=SPARE, force=True)
+        assert report["outcome"] == "switched"
+        sent = await event(stack, "notification_sent", mark, operation="disable")
+        assert (sent["iccid"], sent["removed"]) == (ROAM, True)
+        assert received(smdp) == [("disable", ROAM)]
+        assert [op for _seq, op in await on_card(stack)] == ["enable"]
+        assert slow.core.called["handleNotification"].is_set(), "tried, and still waiting"
+    finally:
+        await slow.stop()
+
+
+def test_notifications_need_ci_roots(tmp_path: Path) -> None:
+    from agent.config import parse_config
+    from agent.errors import ConfigError
+
+    base = {"device_id": "d1", "state_dir": str(tmp_path)}
+    assert parse_config(base).rsp.notifications_on is False, "off without CI roots"
+    with pytest.raises(ConfigError, match=r"rsp\.notifications"):
+        parse_config({**base, "rsp": {"notifications": True}})
+    (tmp_path / "ci.pem").write_text("")
+    on = parse_config({**base, "rsp": {"ci_certs": [str(tmp_path / "ci.pem")]}})
+    assert on.rsp.notifications_on is True, "on by default with CI roots"
+    off = {"ci_certs": [str(tmp_path / "ci.pem")], "notifications": False}
+    assert parse_config({**base, "rsp": off}).rsp.notifications_on is False
+    with pytest.raises(ConfigError, match="notification_retry_max"):
+        parse_config(
+            {**base, "rsp": {"notification_retry_initial": 60, "notification_retry_max": 5}}
+        )

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import datetime
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -75,6 +75,10 @@ class NotificationCourier:
         self._profiles_seen: dict[str, tuple[tuple[str | None, str | None], ...]] = {}
         self._usable = False
         self._errors: dict[str, str] = {}
+        #: A modem's eUICC read in flight (a pass or a count), and each (modem, SM-DP+) batch.
+        self._reading: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.failed = 0
         self._schedule_params: tuple[float, float] | None = None
@@ -168,6 +172,12 @@ class NotificationCourier:
     async def run(self) -> None:
         """Wait for a reason, then carry notifications; runs until cancelled."""
         self.kick()
+        try:
+            await self._loop()
+        finally:
+            await self.stop()
+
+    async def _loop(self) -> None:
         while True:
             timeout = self._sleep_for()
             if timeout is None or timeout > 0:
@@ -187,12 +197,38 @@ class NotificationCourier:
                 self._dirty.update(m for m, known in self._pending.items() if known)
             self._usable = usable
             for session in list(self.d.sessions.values()):
-                if not self._free(session):
+                if session.id in self._reading or not self._free(session):
                     continue
                 if usable and self._wants(session):
-                    await self._pass(session)
+                    self._reading[session.id] = self._spawn(self._pass(session))
                 elif session.id in self._uncounted:
-                    await self._count(session)
+                    self._reading[session.id] = self._spawn(self._count(session))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A courier job: the loop never waits on the network or a card itself, so a slow
+        SM-DP+ or modem holds back nothing else. Its end wakes the loop."""
+        task = asyncio.create_task(coro)
+        self._jobs.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._jobs.discard(t)
+            for modem in [k for k, v in self._reading.items() if v is t]:
+                del self._reading[modem]
+            for pair in [k for k, v in self._inflight.items() if v is t]:
+                del self._inflight[pair]
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                log.error("notification_job_failed", error=repr(exc), exc_info=exc)
+            self._wake.set()
+
+        task.add_done_callback(done)
+        return task
+
+    async def stop(self) -> None:
+        """End every job (the supervisor cancels run; this ends what it started)."""
+        for job in list(self._jobs):
+            job.cancel()
+        if self._jobs:
+            await asyncio.wait(self._jobs, timeout=5)
 
     def _sleep_for(self) -> float | None:
         """Seconds until the next reason to look without being woken (None: only when woken).
@@ -231,6 +267,8 @@ class NotificationCourier:
     def _free(self, session: ModemSession) -> bool:
         """Whether the courier may touch this modem's eUICC now: online, not switching, and no
         switch holding its layers (the same hold the actuator puts on)."""
+        if session.id in self._reading:
+            return False  # its own read is in flight
         if not session.online or session.switching or session.eid is None:
             return False  # eid None: no eUICC answered (a plain SIM), nothing to carry
         if self.schedule.waiting(("euicc", session.id), self._clock()) is not None:
@@ -249,6 +287,7 @@ class NotificationCourier:
         now = self._clock()
         return any(
             n.notification_address
+            and (session.id, n.notification_address) not in self._inflight
             and self.schedule.due(n.notification_address, now)
             and self.schedule.due((n.notification_address, n.seq_number), now)
             for n in self._pending.get(session.id, ())
@@ -301,6 +340,17 @@ class NotificationCourier:
         self._uncounted.discard(session.id)
         if not items:
             return
+        batches: dict[str | None, list[PendingNotification]] = {}
+        for item in items:
+            batches.setdefault(item.metadata.notification_address, []).append(item)
+        # One SM-DP+ per batch, side by side: each removes what its server accepted as soon as
+        # it is done, so a slow or dead SM-DP+ holds back nobody else's notifications.
+        for address, batch in batches.items():
+            key = (session.id, address or "")
+            if key not in self._inflight:  # one in flight: its items are looked at again after
+                self._inflight[key] = self._spawn(self._batch(session, batch))
+
+    async def _batch(self, session: ModemSession, items: list[PendingNotification]) -> None:
         outcomes = await deliver(items, self.sink_for, schedule=self.schedule, now=self._clock())
         sent = [o for o in outcomes if o.sent]
         if sent:
@@ -313,9 +363,10 @@ class NotificationCourier:
                 for o in sent:
                     o.error = "sent, but not removed from the eUICC (sent again later)"
         removed = {o.seq_number for o in outcomes if o.removed}
-        self._pending[session.id] = [
-            i.metadata for i in items if i.metadata.seq_number not in removed
-        ]
+        if removed:
+            self._pending[session.id] = [
+                n for n in self._pending.get(session.id, []) if n.seq_number not in removed
+            ]
         self._report(session, outcomes)
 
     def _report(self, session: ModemSession, outcomes: Sequence[NotificationOutcome]) -> None:

@@ -125,46 +125,55 @@ async def deliver(
     sent ones from the eUICC). With a schedule, what is not due at now is skipped; an SM-DP+ that
     cannot be reached backs off as a whole (its other notifications are not tried in this pass)
     and one that refuses a notification backs off that notification only."""
-    out: list[NotificationOutcome] = []
-    down: set[str] = set()
+    tried: list[NotificationOutcome] = []
+    batches: dict[str, list[tuple[NotificationOutcome, PendingNotification]]] = {}
     for item in pending:
         outcome = outcome_of(item)
         address = outcome.address
-        seq = outcome.seq_number
         if not address:
             outcome.error = "no notification address"
-            out.append(outcome)
+            tried.append(outcome)
             continue
         if schedule is not None and (
-            not schedule.due(address, now) or not schedule.due((address, seq), now)
+            not schedule.due(address, now) or not schedule.due((address, outcome.seq_number), now)
         ):
             continue
-        if address in down:
-            continue
-        out.append(outcome)
-        try:
-            async with asyncio.timeout(timeout):
-                await sink_for(address).handle_notification(bytes.fromhex(item.raw))
-        except (AgentError, TimeoutError) as exc:
-            outcome.error = str(exc) or f"no answer within {timeout:g} s"
-            refused = isinstance(exc, Es9Refused)
-            log.info(
-                "notification_not_accepted",
-                seq=seq,
-                address=address,
-                refused=refused,
-                error=outcome.error,
-            )
-            if not refused:
-                down.add(address)
+        batches.setdefault(address, []).append((outcome, item))
+
+    async def one_server(
+        address: str, batch: list[tuple[NotificationOutcome, PendingNotification]]
+    ) -> None:
+        # In order within one SM-DP+; an unreachable one ends its batch (tried next time).
+        for outcome, item in batch:
+            seq = outcome.seq_number
+            tried.append(outcome)
+            try:
+                async with asyncio.timeout(timeout):
+                    await sink_for(address).handle_notification(bytes.fromhex(item.raw))
+            except (AgentError, TimeoutError) as exc:
+                outcome.error = str(exc) or f"no answer within {timeout:g} s"
+                refused = isinstance(exc, Es9Refused)
+                log.info(
+                    "notification_not_accepted",
+                    seq=seq,
+                    address=address,
+                    refused=refused,
+                    error=outcome.error,
+                )
+                if schedule is not None:
+                    schedule.failed((address, seq) if refused else address, now)
+                if not refused:
+                    return
+                continue
+            outcome.sent = True
             if schedule is not None:
-                schedule.failed((address, seq) if refused else address, now)
-            continue
-        outcome.sent = True
-        if schedule is not None:
-            schedule.accepted(address)
-            schedule.accepted((address, seq))
-    return out
+                schedule.accepted(address)
+                schedule.accepted((address, seq))
+
+    # Servers side by side: a slow or dead SM-DP+ never holds back the others.
+    await asyncio.gather(*(one_server(a, b) for a, b in batches.items()))
+    order = {item.metadata.seq_number: i for i, item in enumerate(pending)}
+    return sorted(tried, key=lambda o: order.get(o.seq_number, 0))
 
 
 async def remove_sent(lpa: Lpa, outcomes: Sequence[NotificationOutcome]) -> None:
