@@ -8,6 +8,7 @@ Everything waits on conditions: MQTT events, the SM-DP+'s records, the daemon's 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -309,3 +310,42 @@ def test_notifications_need_ci_roots(tmp_path: Path) -> None:
         parse_config(
             {**base, "rsp": {"notification_retry_initial": 60, "notification_retry_max": 5}}
         )
+
+
+async def test_notification_process_by_hand_goes_through_the_daemon(
+    make_stack: StackFactory, smdp: SmdpServer, tmp_path: Path
+) -> None:
+    stack = await make_stack(retry_initial=600.0, retry_max=3600.0)
+    port = smdp.port
+    await smdp.stop()
+    mark = stack.mark()
+    await daemon(stack, "profile_delete", modem="m1", iccid=SPARE)
+    await event(stack, "notification_failed", mark, operation="delete")
+    smdp.port = port
+    await smdp.start()
+    assert stack.config is not None
+    m1_port = stack.config.modems[1].port
+    assert m1_port is not None
+    code = "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        "notification",
+        "process",
+        "--all",
+        "--port",
+        m1_port,
+        "--socket",
+        stack.socket,
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"XDG_RUNTIME_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), STEP_S)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert [(n["operation"], n["removed"]) for n in result["notifications"]] == [("delete", True)]
+    assert received(smdp) == [("delete", SPARE)]
+    assert await on_card(stack) == []

@@ -608,8 +608,20 @@ def _download(args: argparse.Namespace) -> int:
 def _nprocess(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from agent.euicc.es9 import Es9Client, Resolve
+    import msgspec
 
+    from agent.euicc.es9 import Es9Client, Resolve
+    from agent.euicc.notifications import NotificationOutcome
+
+    seq = None if args.all else args.seq
+    try:
+        # A daemon that owns the port sends them itself, with its own [rsp] settings.
+        routed = _via_daemon(args, "notification_process", {"seq_number": seq})
+    except AgentError as exc:
+        return _fail(args, exc)
+    if routed is not _NOT_ROUTED:
+        outcomes = msgspec.convert(routed["notifications"], list[NotificationOutcome])
+        return _nprocess_result(args, {"notifications": outcomes})
     try:
         resolve = [Resolve.parse(r) for r in args.resolve]
     except AgentError as exc:
@@ -623,7 +635,6 @@ def _nprocess(args: argparse.Namespace) -> int:
             "config",
         )
         return _EXIT_USAGE
-    seq = None if args.all else args.seq
 
     async def action(lpa: Any, _modem: Any) -> Any:
         from agent.euicc.notifications import process_notifications
@@ -634,6 +645,17 @@ def _nprocess(args: argparse.Namespace) -> int:
             )
         }
 
+    try:
+        result = asyncio.run(_session(args, action))
+    except AgentError as exc:
+        return _fail(args, exc)
+    except TimeoutError:
+        error(f"{args.port}: no result within {args.timeout:g} s", "timeout")
+        return _EXIT_RUNTIME
+    return _nprocess_result(args, result)
+
+
+def _nprocess_result(args: argparse.Namespace, result: Any) -> int:
     def render(result: Any) -> None:
         rows = [
             (
@@ -648,13 +670,6 @@ def _nprocess(args: argparse.Namespace) -> int:
         ]
         print_table(("seq", "operation", "iccid", "address", "result", "error"), rows)
 
-    try:
-        result = asyncio.run(_session(args, action))
-    except AgentError as exc:
-        return _fail(args, exc)
-    except TimeoutError:
-        error(f"{args.port}: no result within {args.timeout:g} s", "timeout")
-        return _EXIT_RUNTIME
     if args.json:
         print_json(result)
     else:

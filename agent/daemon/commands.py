@@ -67,6 +67,12 @@ class ProfileNicknameArgs(ProfileArgs, kw_only=True, forbid_unknown_fields=True)
     nickname: Nickname
 
 
+class NotificationProcessArgs(ModemArgs, kw_only=True, forbid_unknown_fields=True):
+    """Send pending notifications now: all of them, or only `seq_number`."""
+
+    seq_number: SeqNumber | None = None
+
+
 class NotificationRemoveArgs(ModemArgs, kw_only=True, forbid_unknown_fields=True):
     """Remove one queued notification."""
 
@@ -150,6 +156,12 @@ class DaemonCommands:
                 Command("profile_delete", ProfileChangeArgs, self.profile_delete, "delete"),
                 Command("euicc_info", ModemArgs, self.euicc_info, "EID and eUICC info"),
                 Command("notification_list", ModemArgs, self.notification_list, "notifications"),
+                Command(
+                    "notification_process",
+                    NotificationProcessArgs,
+                    self.notification_process,
+                    "send pending notifications to their SM-DP+ now",
+                ),
                 Command(
                     "notification_remove",
                     NotificationRemoveArgs,
@@ -352,6 +364,14 @@ class DaemonCommands:
             return await lpa.list_notifications()
 
         return {"notifications": msgspec.to_builtins(await session.with_lpa(op))}
+
+    async def notification_process(self, args: NotificationProcessArgs) -> object:
+        """Send pending notifications now (the courier does it on its own as well)."""
+        session = self.session(args.modem)
+        if session.switching:
+            raise CommandRejected("busy", f"{session.id} is switching profiles right now")
+        outcomes = await self.d.courier.process_now(session, args.seq_number)
+        return {"notifications": msgspec.to_builtins(outcomes)}
 
     async def notification_remove(self, args: NotificationRemoveArgs) -> object:
         """Remove one notification."""

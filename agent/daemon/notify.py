@@ -19,7 +19,7 @@ import datetime
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import structlog
 
@@ -368,6 +368,37 @@ class NotificationCourier:
                 n for n in self._pending.get(session.id, []) if n.seq_number not in removed
             ]
         self._report(session, outcomes)
+
+    async def process_now(
+        self, session: ModemSession, seq: int | None
+    ) -> list[NotificationOutcome]:
+        """`notification process` through the daemon: every pending notification (or only seq)
+        now, whatever the backoff says; the accepted ones removed. Raises AgentError when the
+        eUICC cannot be read."""
+        if not self.d.cfg.rsp.ci_certs:
+            raise AgentError("no [rsp] ci_certs configured: no SM-DP+ can be trusted")
+
+        async def retrieve(lpa: Lpa) -> list[PendingNotification]:
+            return await lpa.retrieve_notifications(seq)
+
+        async with asyncio.timeout(EUICC_TIMEOUT_S):
+            items = cast("list[PendingNotification]", await session.with_lpa(retrieve))
+        outcomes = await deliver(items, self.sink_for)
+        sent = [o for o in outcomes if o.sent]
+        if sent:
+
+            async def remove(lpa: Lpa) -> None:
+                await remove_sent(lpa, sent)
+
+            async with asyncio.timeout(EUICC_TIMEOUT_S):
+                await session.with_lpa(remove)
+        for o in sent:
+            if o.address:
+                self.schedule.accepted(o.address)
+                self.schedule.accepted((o.address, o.seq_number))
+        self._report(session, outcomes)
+        self.kick(session.id)  # recount for status
+        return outcomes
 
     def _report(self, session: ModemSession, outcomes: Sequence[NotificationOutcome]) -> None:
         now = self._clock()
