@@ -154,7 +154,7 @@ class Daemon:
             ]
         )
         self.evidence.listeners.append(self._on_evidence)
-        #: Pending eUICC notifications to their SM-DP+ (docs/notifications.md).
+        #: Pending eUICC notifications to their SM-DP+ (docs/euicc.md).
         self.courier = NotificationCourier(self)
         self.commands: CommandTable = DaemonCommands(self).table()
         self._events: asyncio.Queue[PolicyEvent] = asyncio.Queue()

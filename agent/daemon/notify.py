@@ -123,7 +123,7 @@ class NotificationCourier:
     # ---- status ----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """`status`'s `notifications` object (docs/cli.md)."""
+        """`status`'s `notifications` object (docs/euicc.md)."""
         now = self._clock()
         modems: dict[str, Any] = {}
         total: int | None = 0
