@@ -326,26 +326,43 @@ async def test_notification_process_by_hand_goes_through_the_daemon(
     assert stack.config is not None
     m1_port = stack.config.modems[1].port
     assert m1_port is not None
+    shown = await cli(tmp_path, "status", "--socket", stack.socket)
+    assert "notifications: 1 pending, next retry in" in shown
+    out = await cli(
+        tmp_path, "notification", "process", "--all", "--port", m1_port, "--socket", stack.socket
+    )
+    result = json.loads(await cli(tmp_path, "status", "--json", "--socket", stack.socket))
+    assert result["notifications"]["pending"] == 0, out
+    assert received(smdp) == [("delete", SPARE)]
+    assert await on_card(stack) == []
+    processed = json.loads(
+        await cli(
+            tmp_path,
+            "notification",
+            "process",
+            "--all",
+            "--port",
+            m1_port,
+            "--socket",
+            stack.socket,
+            "--json",
+        )
+    )
+    assert processed == {"notifications": []}, "nothing left to send"
+
+
+async def cli(tmp_path: Path, *args: str) -> str:
+    """`esim-agent ARGS` in a subprocess; its stdout (exit status 0 asserted)."""
     code = "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         code,
-        "notification",
-        "process",
-        "--all",
-        "--port",
-        m1_port,
-        "--socket",
-        stack.socket,
-        "--json",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={"XDG_RUNTIME_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     out, err = await asyncio.wait_for(proc.communicate(), STEP_S)
-    assert proc.returncode == 0, err.decode()
-    result = json.loads(out)
-    assert [(n["operation"], n["removed"]) for n in result["notifications"]] == [("delete", True)]
-    assert received(smdp) == [("delete", SPARE)]
-    assert await on_card(stack) == []
+    assert proc.returncode == 0, (args, out.decode(), err.decode())
+    return out.decode()
