@@ -271,6 +271,8 @@ class NotificationCourier:
             return False  # its own read is in flight
         if not session.online or session.switching or session.eid is None:
             return False  # eid None: no eUICC answered (a plain SIM), nothing to carry
+        if session.lock.locked():
+            return False  # a poll, a download or another eUICC operation: look again after
         if self.schedule.waiting(("euicc", session.id), self._clock()) is not None:
             return False
         d = self.d
