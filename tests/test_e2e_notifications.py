@@ -366,3 +366,26 @@ async def cli(tmp_path: Path, *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), STEP_S)
     assert proc.returncode == 0, (args, out.decode(), err.decode())
     return out.decode()
+
+
+async def test_the_policys_own_switches_are_delivered(
+    make_stack: StackFactory, smdp: SmdpServer
+) -> None:
+    stack = await make_stack()
+    # The emergency layer wakes (the dongle switches to its dormant profile), then sleeps again.
+    result = await daemon(stack, "switch_layer", layer="emergency")
+    assert result["transition"]["outcome"] == "switched"
+    mark = stack.mark()
+    await daemon(stack, "switch_layer", layer=None)
+    await stack.wait_json("events", lambda e: e.get("type") == "emergency_disabled", STEP_S, mark)
+    expected = [
+        ("disable", ROAM),
+        ("enable", EMERGENCY),
+        ("disable", EMERGENCY),
+        ("enable", ROAM),
+    ]
+
+    async def all_delivered() -> bool:
+        return received(smdp) == expected and await on_card(stack) == []
+
+    await until(all_delivered)
