@@ -1,27 +1,30 @@
-"""`esim-agent watch`: the --json snapshot against a real Mosquitto, and the live view in tmux."""
+"""`esim-agent watch`: the --json snapshot against a real Mosquitto, the Fleet, the live view's frames (the
+live view in a real terminal is in test_e2e_watch.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
-import os
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import aiomqtt
 import pytest
+from rich.console import Console
 
+import agent.watch.render
+from agent.cli.watch import _live
+from agent.mqtt.bridge import MqttSettings
 from agent.watch.fleet import Fleet, signal_bars
 from tests.mosquitto import MosquittoBroker
-from tests.watch_fleet import BASE, device_tree
+from tests.watch_fleet import BASE, device_tree, publish, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "agent"]
-DEADLINE_S = 20.0
 
 DEVICE_KEYS = {
     "device_id",
@@ -38,47 +41,27 @@ DEVICE_KEYS = {
     "alerts",
 }
 
+TRANSITION_KEYS = {
+    "id",
+    "kind",
+    "outcome",
+    "from_layer",
+    "to_layer",
+    "from_profile",
+    "to_profile",
+    "reason",
+    "detected_at",
+    "decided_at",
+    "switched_at",
+    "verified_at",
+    "timings_ms",
+}
+
 
 @pytest.fixture
 def broker() -> Iterator[MosquittoBroker]:
     with MosquittoBroker() as b:
         yield b
-
-
-def publish(broker: MosquittoBroker, *items: tuple[str, bytes]) -> None:
-    async def go() -> None:
-        async with aiomqtt.Client(broker.host, broker.port) as client:
-            for topic, payload in items:
-                await client.publish(topic, payload, qos=1, retain=True, timeout=10)
-
-    asyncio.run(go())
-
-
-def seed(broker: MosquittoBroker) -> None:
-    """phone healthy, watch weak and near its quota with a transition, tablet dead (Last Will)."""
-    trees = {**device_tree("phone"), **device_tree("watch", rssi=-99, used=950_000_000)}
-    transition = {
-        "kind": "failover",
-        "outcome": "switched",
-        "from_layer": "primary",
-        "to_layer": "backup",
-        "timings_ms": {
-            "detect_to_decide": 12.0,
-            "decide_to_switch": 800.0,
-            "switch_to_verify": 300.0,
-            "total": 1112.0,
-        },
-    }
-    trees[f"{BASE}/watch/transition"] = json.dumps(transition).encode()
-    trees[f"{BASE}/tablet/availability"] = b"offline"
-    # Hostile or broken siblings: none of these may crash the view or blank the others.
-    trees[f"{BASE}/tablet/state"] = b"{not json"
-    trees[f"{BASE}/phone/health/backup"] = b'{"layer": 7}'
-    trees[f"{BASE}/forger/state"] = json.dumps(
-        {"device_id": "phone", "connectivity": False}
-    ).encode()
-    trees[f"{BASE}/watch/modems/m2"] = b"\xff\xfe"
-    publish(broker, *trees.items())
 
 
 def run_json(broker: MosquittoBroker, *extra: str) -> tuple[int, dict[str, object]]:
@@ -139,7 +122,15 @@ def test_json_snapshot_has_every_device_in_the_documented_shape(broker: Mosquitt
     }
     assert watch["usage"][0]["percent"] == 95.0
     assert watch["pools"][0]["name"] == "family"
-    assert watch["last_transition"]["timings_ms"]["total"] == 1112.0
+    assert set(watch["last_transition"]) == TRANSITION_KEYS
+    assert watch["last_transition"]["timings_ms"] == {
+        "detect_to_decide": 12.0,
+        "decide_to_switch": 800.0,
+        "switch_to_verify": 300.0,
+        "total": 1112.0,
+    }
+    assert watch["last_transition"]["verified_at"] == "2026-12-06T03:04:59.212Z"
+    assert phone["last_transition"] is None
     assert {"kind": "quota", "subject": watch["usage"][0]["iccid"], "detail": "90% of 2026-12"} in (
         watch["alerts"]
     )
@@ -206,94 +197,6 @@ def test_signal_bars(rssi: int | None, rsrp: float | None, bars: int | None) -> 
     assert signal_bars(rssi, rsrp) == bars
 
 
-# ------------------------------------------------------------------------- the live view
-
-
-class Tmux:
-    """One detached tmux server of our own (socket in the test's temp dir), so nothing touches
-    the user's and nothing is left behind."""
-
-    def __init__(self, socket: Path) -> None:
-        self.socket = str(socket)
-
-    def __call__(self, *args: str) -> str:
-        # The pane's own size must decide the layout, not a COLUMNS inherited from the runner.
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        out = subprocess.run(
-            ["tmux", "-S", self.socket, *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            env=env,
-            check=False,
-        )
-        return out.stdout
-
-    def wait_screen(self, predicate: object, what: str) -> str:
-        deadline = time.monotonic() + DEADLINE_S
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self("capture-pane", "-p", "-t", "w")
-            if callable(predicate) and predicate(screen):
-                return screen
-            # capture-pane has nothing to wait on: poll it briefly until the deadline.
-            time.sleep(0.1)
-        raise AssertionError(f"{what} never appeared; last screen:\n{screen}")
-
-
-@pytest.fixture
-def tmux(tmp_path: Path) -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
-    t = Tmux(tmp_path / "tmux.sock")
-    yield t
-    t("kill-server")
-
-
-def test_live_view_in_a_real_terminal_shows_every_device_and_quits_on_ctrl_c(
-    broker: MosquittoBroker, tmux: Tmux, tmp_path: Path
-) -> None:
-    seed(broker)
-    status = tmp_path / "status"
-    cmd = (
-        " ".join([*CLI, "watch", "--broker", f"mqtt://{broker.host}:{broker.port}"])
-        + f"; echo $? > {status}; sleep 600"
-    )
-    tmux(
-        "new-session", "-d", "-s", "w", "-x", "200", "-y", "50",
-        "-e", f"PYTHONPATH={ROOT}", "-c", str(ROOT), cmd,
-    )  # fmt: skip
-    screen = tmux.wait_screen(
-        lambda s: all(d in s for d in ("phone", "watch", "tablet")) and "95%" in s, "every device"
-    )
-    assert "online, connected" in screen
-    assert "offline" in screen
-    assert "▁▃▅▇ 4/4" in screen  # signal bars
-    assert "▁▃▅▇ 1/4" in screen
-    assert "██████░░░░ 60%" in screen  # usage bars against quota
-    assert "██████████ 95%" in screen
-    assert "pool family" in screen
-    assert "failover primary→backup switched 1112 ms" in screen
-    assert "layer_down backup" in screen
-
-    # A change on the broker is redrawn without any key press.
-    publish(
-        broker,
-        (f"{BASE}/phone/availability", b"offline"),
-        (f"{BASE}/laptop/availability", b"online"),
-    )
-    tmux.wait_screen(lambda s: "laptop" in s and "offline phone" in s, "the change")
-
-    tmux("send-keys", "-t", "w", "C-c")
-    deadline = time.monotonic() + DEADLINE_S
-    while not (status.exists() and status.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the exit status file is all there is to wait on
-    assert status.read_text().strip() == "0"
-    # The alternate screen is gone: the shell's screen is back, without the table.
-    after = tmux("capture-pane", "-p", "-t", "w")
-    assert "layer / profile" not in after
-
-
 def test_fleet_ignores_devices_beyond_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("agent.watch.fleet.MAX_DEVICES", 2)
     fleet = Fleet(BASE)
@@ -303,3 +206,58 @@ def test_fleet_ignores_devices_beyond_its_bound(monkeypatch: pytest.MonkeyPatch)
     assert fleet.rejected == 1
     # Known devices still update.
     assert fleet.ingest(f"{BASE}/a/availability", b"offline")
+
+
+async def test_live_view_redraws_only_when_what_it_shows_changes(
+    broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await asyncio.to_thread(seed, broker)
+    # What each frame showed (the snapshot but its clock), in order.
+    frames: list[dict[str, Any]] = []
+    ingested = [0]
+    drawn = asyncio.Condition()
+    real_render, real_ingest = agent.watch.render.render, Fleet.ingest
+
+    def counting_render(snapshot: dict[str, Any], problem: str | None = None) -> Any:
+        frames.append({k: v for k, v in snapshot.items() if k != "taken_at"})
+        asyncio.get_running_loop().create_task(notify())
+        return real_render(snapshot, problem)
+
+    def counting_ingest(self: Fleet, topic: str, payload: bytes) -> bool:
+        ingested[0] += 1
+        asyncio.get_running_loop().create_task(notify())
+        return real_ingest(self, topic, payload)
+
+    async def notify() -> None:
+        async with drawn:
+            drawn.notify_all()
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(20), drawn:
+            await drawn.wait_for(predicate)
+
+    # No coalescing of a burst into one frame: every frame the loop draws is counted.
+    monkeypatch.setattr("agent.cli.watch.MIN_FRAME_S", 0.0)
+    monkeypatch.setattr(agent.watch.render, "render", counting_render)
+    monkeypatch.setattr(Fleet, "ingest", counting_ingest)
+    settings = MqttSettings(host=broker.host, port=broker.port, base_topic=BASE)
+    console = Console(file=io.StringIO(), force_terminal=True, width=200, height=50)
+    view = asyncio.create_task(_live(settings, Fleet(BASE), "b", console))
+    try:
+        await until(lambda: bool(frames) and len(frames[-1]["devices"]) == 4)
+        seen = ingested[0]
+        # The phone publishes its whole tree again, unchanged, and the view reads it all...
+        phone = list(device_tree("phone").items())
+        await asyncio.to_thread(publish, broker, *phone)
+        await until(lambda: ingested[0] >= seen + len(phone))
+        # ...then one real change.
+        await asyncio.to_thread(publish, broker, (f"{BASE}/laptop/availability", b"online"))
+        await until(lambda: "laptop" in [d["device_id"] for d in frames[-1]["devices"]])
+        # Every frame shows something its predecessor did not: nothing was drawn again for
+        # messages that changed nothing, nor on a timer.
+        repeated = [i for i in range(1, len(frames)) if frames[i] == frames[i - 1]]
+        assert repeated == []
+    finally:
+        view.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await view

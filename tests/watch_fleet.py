@@ -1,14 +1,22 @@
-"""Retained sibling trees for the watch tests and bench: what a daemon would publish."""
+"""Retained sibling trees for the watch tests and bench (what a daemon would publish), and a
+tmux server of the test's own for the live view in a real terminal."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import time
 import zlib
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import aiomqtt
 
 BASE = "esim-agent"
+DEADLINE_S = 20.0
 
 
 def device_tree(
@@ -82,3 +90,87 @@ async def publish_retained(client: aiomqtt.Client, tree: dict[str, bytes]) -> No
     """Publish every topic of `tree` retained, QoS 1 (each acknowledged)."""
     for topic, payload in tree.items():
         await client.publish(topic, payload, qos=1, retain=True, timeout=10)
+
+
+class Broker(Protocol):
+    host: str
+    port: int
+
+
+def publish(broker: Broker, *items: tuple[str, bytes]) -> None:
+    """Publish each (topic, payload) retained, QoS 1, from one short-lived client."""
+
+    async def go() -> None:
+        async with aiomqtt.Client(broker.host, broker.port) as client:
+            for topic, payload in items:
+                await client.publish(topic, payload, qos=1, retain=True, timeout=10)
+
+    asyncio.run(go())
+
+
+#: The transition the seeded watch device shows.
+SEEDED_TRANSITION = {
+    "id": "watch-1",
+    "kind": "failover",
+    "outcome": "switched",
+    "from_layer": "primary",
+    "to_layer": "backup",
+    "verified_at": "2026-12-06T03:04:59.212Z",
+    "timings_ms": {
+        "detect_to_decide": 12.0,
+        "decide_to_switch": 800.0,
+        "switch_to_verify": 300.0,
+        "total": 1112.0,
+    },
+}
+
+
+def seed(broker: Broker) -> None:
+    """phone healthy, watch weak and near its quota with a transition, tablet dead (Last Will),
+    plus hostile or broken siblings: none of these may crash the view or blank the others."""
+    trees = {**device_tree("phone"), **device_tree("watch", rssi=-99, used=950_000_000)}
+    trees[f"{BASE}/watch/transition"] = json.dumps(SEEDED_TRANSITION).encode()
+    trees[f"{BASE}/tablet/availability"] = b"offline"
+    trees[f"{BASE}/tablet/state"] = b"{not json"
+    trees[f"{BASE}/phone/health/backup"] = b'{"layer": 7}'
+    trees[f"{BASE}/forger/state"] = json.dumps(
+        {"device_id": "phone", "connectivity": False}
+    ).encode()
+    trees[f"{BASE}/watch/modems/m2"] = b"\xff\xfe"
+    publish(broker, *trees.items())
+
+
+class Tmux:
+    """One detached tmux server of our own (socket in the test's temp dir), so nothing touches
+    the user's and nothing is left behind."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = str(socket)
+
+    def __call__(self, *args: str) -> str:
+        # The pane's own size must decide the layout, not a COLUMNS inherited from the runner.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        out = subprocess.run(
+            ["tmux", "-S", self.socket, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
+            check=False,
+        )
+        return out.stdout
+
+    def screen(self) -> str:
+        """The pane's text as `tmux capture-pane -p` prints it."""
+        return self("capture-pane", "-p", "-t", "w")
+
+    def wait_screen(self, predicate: Callable[[str], bool], what: str) -> str:
+        deadline = time.monotonic() + DEADLINE_S
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            # capture-pane has nothing to wait on: poll it briefly until the deadline.
+            time.sleep(0.1)
+        raise AssertionError(f"{what} never appeared; last screen:\n{screen}")

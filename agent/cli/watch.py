@@ -12,7 +12,7 @@ from agent.cli.args import positive_seconds
 from agent.cli.output import error, print_json
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
+    from rich.console import Console, RenderableType
 
     from agent.mqtt.bridge import MqttSettings
     from agent.watch.fleet import Fleet
@@ -116,7 +116,11 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _live(settings: MqttSettings, fleet: Fleet, broker: str) -> None:
+async def _live(
+    settings: MqttSettings, fleet: Fleet, broker: str, console: Console | None = None
+) -> None:
+    """The live view until Ctrl-C or SIGTERM: one frame per change of what it shows, never on
+    a timer (a burst of changes is painted at most every MIN_FRAME_S)."""
     from rich.console import Console
     from rich.live import Live
 
@@ -136,12 +140,21 @@ async def _live(settings: MqttSettings, fleet: Fleet, broker: str) -> None:
         problem[0] = why
         changed.set()
 
-    def frame() -> RenderableType:
-        return render(fleet.snapshot(broker=broker, complete=True), problem[0])
+    shown: list[object] = [None]
+
+    def frame() -> RenderableType | None:
+        """The next frame, or None when it would show exactly what is on screen (a message
+        may change a field the view does not show, such as a record's `updated_at`)."""
+        snap = fleet.snapshot(broker=broker, complete=True)
+        key = ({k: v for k, v in snap.items() if k != "taken_at"}, problem[0])
+        if key == shown[0]:
+            return None
+        shown[0] = key
+        return render(snap, problem[0])
 
     with Live(
-        frame(),
-        console=Console(),
+        frame() or "",
+        console=console or Console(),
         screen=True,
         auto_refresh=False,
         redirect_stdout=False,
@@ -159,7 +172,9 @@ async def _live(settings: MqttSettings, fleet: Fleet, broker: str) -> None:
                 if follower.done():
                     follower.result()  # a bug, not the broker: end the view and report it
                 changed.clear()
-                live.update(frame(), refresh=True)
+                if (next_frame := frame()) is None:
+                    continue
+                live.update(next_frame, refresh=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(stopped), MIN_FRAME_S)
         finally:

@@ -187,22 +187,28 @@ async def follow(
     backoff_initial: float = 1.0,
     backoff_max: float = 30.0,
 ) -> None:
-    """Keep `fleet` current until cancelled; `on_change(problem)` after each change, where
-    `problem` is None while connected and the reason otherwise."""
+    """Keep `fleet` current until cancelled; `on_change(problem)` after each change of the
+    fleet or of the connection, where `problem` is None while connected and the reason
+    otherwise. A message that changes nothing, or a retry failing the same way, is no change."""
     where = f"{settings.host}:{settings.port}"
     attempt = 0
+    reported: str | None = None
     while True:
         try:
             async with observer_client(settings, "watch", CONNECT_TIMEOUT_S, PROTOCOL) as client:
                 await _subscribe(client, fleet.filters)
                 attempt = 0
-                on_change(None)
+                if reported is not None:
+                    reported = None
+                    on_change(None)
                 async for message in client.messages:
                     if fleet.ingest(message.topic.value, _payload(message)):
                         on_change(None)
         except (aiomqtt.MqttError, OSError) as exc:
             problem = f"{where}: {exc}"
             log.warning("watch_broker_lost", broker=where, error=str(exc))
-            on_change(problem)
+            if problem != reported:
+                reported = problem
+                on_change(problem)
         await asyncio.sleep(backoff_delay(attempt, backoff_initial, backoff_max))
         attempt += 1
