@@ -29,6 +29,7 @@ COMMAND_NAMES: tuple[str, ...] = (
     "profile_disable",
     "profile_nickname",
     "drill",
+    "profile_download",
 )
 
 VendorHint = Literal[
@@ -41,7 +42,13 @@ ProbeKind = Literal["tcp", "http", "dns", "icmp"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 PdpType = Literal["ip", "ipv6", "ipv4v6"]
 CommandName = Literal[
-    "status", "switch_layer", "profile_enable", "profile_disable", "profile_nickname", "drill"
+    "status",
+    "switch_layer",
+    "profile_enable",
+    "profile_disable",
+    "profile_nickname",
+    "drill",
+    "profile_download",
 ]
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace.
@@ -135,6 +142,13 @@ class LayerConfig(_Section):
     pdp_type: PdpType = "ip"
     #: A metered layer gets no default route in the main table until it is the active one.
     metered: bool = False
+    #: Store and forward: the activation code of `profile` while it is not installed yet; the
+    #: daemon downloads it on the first working link (docs/configuration.md). The matching ID
+    #: in it is a bearer token: prefer activation_code_file (mode 0600).
+    activation_code: str | None = None
+    activation_code_file: str | None = None
+    confirmation_code: str | None = None
+    confirmation_code_file: str | None = None
 
     @property
     def is_sibling(self) -> bool:
@@ -508,6 +522,7 @@ def _validate(cfg: Config, base_dir: Path) -> None:
             )
             _check(cfg.group is not None, f"{key}.scope", "'group' needs a [group] section")
         _validate_apn(layer, key, base_dir)
+        _validate_activation(layer, key, base_dir)
         primaries += layer.role == "primary"
         emergencies += layer.role == "emergency"
         if layer.role == "primary":
@@ -767,6 +782,52 @@ def _size(value: int | str, key: str) -> int:
         raise _Invalid(key, str(exc)) from None
 
 
+def _validate_activation(layer: LayerConfig, key: str, base_dir: Path) -> None:
+    """Store-and-forward keys: one source each, a code that parses, readable files (made
+    absolute). Messages never quote the code: its matching ID is a bearer token."""
+    from agent.euicc.activation import ActivationCodeError, parse_activation_code
+
+    has_code = bool(layer.activation_code or layer.activation_code_file)
+    _check(
+        not (layer.activation_code and layer.activation_code_file),
+        f"{key}.activation_code_file",
+        "give either activation_code or activation_code_file, not both",
+    )
+    _check(
+        not (layer.confirmation_code and layer.confirmation_code_file),
+        f"{key}.confirmation_code_file",
+        "give either confirmation_code or confirmation_code_file, not both",
+    )
+    _check(
+        has_code or not (layer.confirmation_code or layer.confirmation_code_file),
+        f"{key}.confirmation_code",
+        "a confirmation code needs activation_code or activation_code_file",
+    )
+    _check(
+        not has_code or layer.device is None,
+        f"{key}.activation_code",
+        "a sibling layer has no profile of ours to download",
+    )
+    text = layer.activation_code
+    for f in ("activation_code_file", "confirmation_code_file"):
+        path = getattr(layer, f)
+        if path:
+            _check_readable(path, base_dir, f"{key}.{f}")
+            absolute = str(Path(path) if os.path.isabs(path) else base_dir / path)
+            setattr(layer, f, absolute)
+    if layer.activation_code_file:
+        try:
+            text = read_secret(None, layer.activation_code_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Invalid(f"{key}.activation_code_file", f"cannot read it: {exc}") from None
+    if layer.activation_code_file or text is not None:
+        try:
+            parse_activation_code(text or "")
+        except ActivationCodeError as exc:
+            where = "activation_code_file" if layer.activation_code_file else "activation_code"
+            raise _Invalid(f"{key}.{where}", f"not an activation code: {exc}") from None
+
+
 def _check_readable(path: str, base_dir: Path, key: str) -> None:
     p = Path(path) if os.path.isabs(path) else base_dir / path
     _check(p.is_file() and os.access(p, os.R_OK), key, f"{p} is missing or unreadable")
@@ -892,8 +953,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     if mqtt["commands"].get("token"):
         mqtt["commands"]["token"] = "***"
     for layer in data["layers"]:
-        if layer.get("apn_password"):
-            layer["apn_password"] = "***"
+        for key in ("apn_password", "activation_code", "confirmation_code"):
+            if layer.get(key):
+                layer[key] = "***"
     return data
 
 

@@ -88,7 +88,7 @@ def test_direct_check_passes_then_fails_on_an_enabled_emergency_profile(
     code, report = run_check(config)
     assert statuses(report) == ALL_PASS, report
     assert (code, report["ok"], report["via"]) == (0, True, "direct")
-    assert report["summary"] == {"pass": 10, "fail": 0, "skip": 0}
+    assert report["summary"] == {"pass": 11, "fail": 0, "skip": 0}
     primary = next(i for i in report["items"] if i["id"] == "primary")
     assert "probes pass" in primary["detail"]
 
@@ -120,7 +120,7 @@ def test_direct_check_passes_then_fails_on_an_enabled_emergency_profile(
     )
     assert human.returncode == 1
     assert "FAIL  emergency profile installed and dormant" in human.stdout
-    assert "checklist: 9 pass, 1 fail, 0 skip" in human.stdout
+    assert "checklist: 10 pass, 1 fail, 0 skip" in human.stdout
 
 
 def test_wrong_broker_password_fails_the_broker_item(

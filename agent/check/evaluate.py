@@ -121,6 +121,39 @@ def emergency_item(cfg: Config, seen: dict[str, ModemSeen]) -> CheckItem:
     return _installed("emergency", layers, seen, dormant=True)
 
 
+def downloads_item(
+    cfg: Config, seen: dict[str, ModemSeen], reasons: dict[str, str] | None = None
+) -> CheckItem:
+    """Store and forward: every layer that carries an activation code has its profile
+    installed; a missing one is named with why (`reasons`: the daemon's profile_reason)."""
+    layers = [
+        x for x in cfg.layers if not x.is_sibling and (x.activation_code or x.activation_code_file)
+    ]
+    if not layers:
+        return _pass("downloads", "no layer waits for a download (no activation_code)")
+    problems: list[str] = []
+    good: list[str] = []
+    for layer in layers:
+        s = seen.get(layer.modem)
+        if s is None or s.error is not None or s.euicc_error is not None:
+            problems.append(f"{layer.name}: modem {layer.modem} could not be read")
+        elif layer.profile in s.profiles:
+            good.append(f"{layer.profile} on {layer.modem}")
+        else:
+            why = (reasons or {}).get(layer.name) or "waiting for the daemon and a working link"
+            problems.append(
+                f"{layer.name}: profile {layer.profile} is missing on {layer.modem} ({why})"
+            )
+    if problems:
+        return _fail(
+            "downloads",
+            "; ".join(problems),
+            "keep the daemon running on a working link: it downloads the profile from the "
+            "layer's activation code by itself (`esim-agent status` shows profile_state)",
+        )
+    return _pass("downloads", f"downloaded: {', '.join(good)}")
+
+
 def quotas_item(cfg: Config) -> CheckItem:
     """Every profile the layers use has a quota of its own or belongs to a shared pool."""
     pooled = {m for pool in cfg.usage.pools for m in pool.members}
@@ -162,7 +195,12 @@ def _installed(
             problems.append(
                 f"{layer.name}: profile {layer.profile} is not installed on {layer.modem}"
             )
-            fixes.append(f"download the {layer.name} profile to {layer.modem} before you travel")
+            fixes.append(
+                f"the daemon downloads it from layers.{layer.name}.activation_code on the "
+                "first working link (see the downloads item)"
+                if layer.activation_code or layer.activation_code_file
+                else f"download the {layer.name} profile to {layer.modem} before you travel"
+            )
         elif dormant and state == "enabled":
             problems.append(f"{layer.name}: profile {layer.profile} is enabled, not dormant")
             fixes.append(
@@ -189,6 +227,7 @@ TITLES = {
     "primary": "primary profile enabled, registered, probes passing",
     "failover": "failover profile installed",
     "emergency": "emergency profile installed and dormant",
+    "downloads": "profiles waiting for download (activation codes) installed",
     "quotas": "quotas and pools for the profiles in use",
     "broker": "MQTT broker reachable with the configured credentials and TLS",
     "clock": "clock sane",

@@ -47,9 +47,15 @@ async def run_check(
     progress("asking the daemon")
     status = await daemon_status(socket or cfg.control_socket, cfg)
     via: Literal["daemon", "direct"]
+    reasons: dict[str, str] = {}
     if status is not None:
         via = "daemon"
         seen, probes = observe_status(cfg, status)
+        reasons = {
+            str(x.get("name")): str(x["profile_reason"])
+            for x in status.get("layers") or []
+            if isinstance(x, dict) and x.get("profile_reason")
+        }
         ports = ports_from_status(cfg, status)
         # The daemon owns its modems' ports; anyone else holding them is the problem.
         owners = socket_owners(socket or cfg.control_socket)
@@ -68,6 +74,7 @@ async def run_check(
     items = [
         item("config", "pass", f"{len(cfg.modems)} modem(s), {len(cfg.layers)} layer(s)"),
         *_modem_items(cfg, seen, probes),
+        evaluate.downloads_item(cfg, seen, reasons),
         evaluate.quotas_item(cfg),
         broker,
         system.clock_item(),

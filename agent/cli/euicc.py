@@ -97,10 +97,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="deadline of one APDU while the profile package loads (default 240)",
     )
+    p.add_argument(
+        "--modem",
+        default=None,
+        metavar="ID",
+        help="with --socket: the daemon's modem (id or port) to install onto; may be left out "
+        "when the daemon has one modem",
+    )
     for action in p._actions:
         if action.dest == "timeout":  # a download takes minutes over a slow modem
             action.default = 900.0
             action.help = "overall deadline in seconds (default 900)"
+        elif action.dest == "port":  # --socket alone: the daemon downloads on its own modem
+            action.required = False
+            action.help = "serial port of the modem's AT interface (or give --socket)"
     p.set_defaults(handler=_download)
 
     notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
@@ -564,6 +574,11 @@ def _download(args: argparse.Namespace) -> int:
     except (ActivationCodeError, AgentError) as exc:
         error(str(exc), "usage")
         return _EXIT_USAGE
+    if args.socket is not None:
+        return _download_via_daemon(args)
+    if args.port is None:
+        error("give --port (the modem's AT port) or --socket (a running daemon)", "usage")
+        return _EXIT_USAGE
     certs = _ci_certs(args)
     if not certs:
         error(
@@ -603,6 +618,61 @@ def _download(args: argparse.Namespace) -> int:
             print("the install notification is still pending: `esim-agent notification list`")
 
     return _run(args, action, render)
+
+
+def _render_download(result: dict[str, Any]) -> None:
+    what = ", ".join(
+        x for x in (result.get("profile_name"), result.get("service_provider_name")) if x
+    )
+    print(
+        f"{result.get('iccid')} installed on {result.get('modem')}{f' ({what})' if what else ''} "
+        f"from {result.get('smdp_address')} over layer {result.get('layer')}"
+    )
+    if not result.get("notification_sent"):
+        print("the install notification is still pending: `esim-agent notification list`")
+
+
+def _download_via_daemon(args: argparse.Namespace) -> int:
+    """`profile download --socket`: the daemon downloads over its active layer; its progress
+    lines drive the same progress bar."""
+    from agent.cli.daemon import EXIT_NO_DAEMON
+    from agent.daemon.control import ControlError, DaemonNotRunning, control_call
+
+    cmd_args: dict[str, Any] = {"code": args.code, "modem": args.modem or args.port}
+    if args.confirmation_code:
+        cmd_args["confirmation_code"] = args.confirmation_code
+    with _DownloadView() as view:
+
+        def progress(data: object) -> None:
+            if isinstance(data, dict):
+                done, total = data.get("bytes"), data.get("total")
+                view.update(
+                    str(data.get("phase", "")),
+                    done if isinstance(done, int) else 0,
+                    total if isinstance(total, int) else 0,
+                )
+
+        try:
+            result = asyncio.run(
+                control_call(
+                    args.socket,
+                    "profile_download",
+                    cmd_args,
+                    timeout=args.timeout,
+                    on_progress=progress,
+                )
+            )
+        except DaemonNotRunning as exc:
+            error(f"no daemon answers on {args.socket}: {exc.message}", "no_daemon")
+            return EXIT_NO_DAEMON
+        except ControlError as exc:
+            error(f"profile download (via daemon): {exc.message}", "daemon")
+            return _EXIT_RUNTIME
+    if args.json:
+        print_json(result)
+    elif isinstance(result, dict):
+        _render_download(result)
+    return 0
 
 
 def _nprocess(args: argparse.Namespace) -> int:

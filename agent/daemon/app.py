@@ -42,6 +42,7 @@ from agent.daemon.preflight import (
     state_dir_media_failure,
     state_dir_problem,
 )
+from agent.daemon.provision import Provisioner
 from agent.daemon.publish import StatePublisher
 from agent.daemon.reload import ReloadPlan, carry_policy, plan
 from agent.daemon.session import ModemSession
@@ -145,6 +146,8 @@ class Daemon:
             keep=TIMELINE_KEEP,
         )
         self.actuator = Actuator(self)
+        #: Profile downloads (on request and store and forward), on a working layer only.
+        self.provision = Provisioner(self)
         #: Passive evidence (URCs, link events, interface counters) for the layer monitors.
         self.evidence = EvidenceFeeds(
             lambda m: [
@@ -255,6 +258,7 @@ class Daemon:
         self.supervisor.start("policy", self._policy_loop)
         self.supervisor.start("tick", self._tick_loop)
         self.supervisor.start("notifications", self.courier.run)
+        self.supervisor.start("provision", self.provision.run)
         if sdnotify.watchdog_interval() is not None:
             self.supervisor.start("watchdog", lambda: sdnotify.run_watchdog(self._alive))
         sdnotify.ready(f"running; {len(self.sessions)} modem(s)")
@@ -653,6 +657,7 @@ class Daemon:
             )
             self._publish_layers()
             self.courier.link_changed()
+            self.provision.link_changed()
         self.publisher.health(name, self.monitors[name].snapshot(), self.fed)
 
     def _on_monitor_change(self, name: str, _health: MonitorHealth) -> None:
@@ -673,6 +678,7 @@ class Daemon:
         self.publisher.modem(session)
         self._publish_device()
         self.courier.session_updated(session)
+        self.provision.link_changed()
 
     # ---- the policy loop -------------------------------------------------------------------
 
@@ -694,6 +700,7 @@ class Daemon:
             for action in actions:
                 self.actuator.execute(action)
             if (self.policy.active, self.policy.phase) != before:
+                self.provision.link_changed()
                 self._publish_layers()
                 self._publish_device()
                 sdnotify.status(f"active layer: {self.policy.active or 'none'}")

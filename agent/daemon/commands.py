@@ -8,6 +8,7 @@ the arguments a handler gets.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 import structlog
 
-from agent.daemon.control import UnknownCommand
+from agent.daemon.control import UnknownCommand, progress_sink
+from agent.daemon.provision import DownloadBusy, LinkLost, NoWorkingLink, ProgressThrottle
+from agent.euicc.activation import ActivationCodeError, parse_activation_code
+from agent.euicc.download import Phase
 from agent.euicc.lpa import Lpa
 from agent.mqtt.commands import CommandContext, CommandRejected
 from agent.policy.engine import Drill, ManualSwitch, summary
@@ -31,6 +35,13 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Iccid = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{18,22}[Ff]?$")]
 SeqNumber = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Nickname = Annotated[str, msgspec.Meta(max_length=64)]
+Code = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+ConfirmationCode = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+#: The MQTT request a handler runs for (its request_id goes into progress events).
+_mqtt_request: contextvars.ContextVar[CommandContext | None] = contextvars.ContextVar(
+    "mqtt_request", default=None
+)
 
 
 class NoArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -77,6 +88,14 @@ class NotificationRemoveArgs(ModemArgs, kw_only=True, forbid_unknown_fields=True
     """Remove one queued notification."""
 
     seq_number: SeqNumber
+
+
+class ProfileDownloadArgs(ModemArgs, kw_only=True, forbid_unknown_fields=True):
+    """Download a profile by activation code over the active layer; `enable` switches to it."""
+
+    code: Code
+    confirmation_code: ConfirmationCode | None = None
+    enable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +148,11 @@ class CommandTable:
     async def mqtt(self, name: str, raw: dict[str, Any], ctx: CommandContext) -> object:
         """The MQTT bridge's handler (arguments already checked against the wire contract)."""
         log.info("mqtt_command", command=name, sender=ctx.sender, request_id=ctx.request_id)
-        return await self.call(name, raw)
+        token = _mqtt_request.set(ctx)
+        try:
+            return await self.call(name, raw)
+        finally:
+            _mqtt_request.reset(token)
 
 
 def _iccid(value: str) -> str:
@@ -170,6 +193,12 @@ class DaemonCommands:
                 ),
                 Command("modem_info", ModemArgs, self.modem_info, "the modem's last poll"),
                 Command("modems", NoArgs, self.modems, "what discovery sees (modem list)"),
+                Command(
+                    "profile_download",
+                    ProfileDownloadArgs,
+                    self.profile_download,
+                    "download a profile by activation code",
+                ),
             ]
         )
 
@@ -237,6 +266,7 @@ class DaemonCommands:
         for layer in d.cfg.layers:
             state, reason = d.fed.get(layer.name, ("unknown", "no_data"))
             mon = d.monitors[layer.name].snapshot() if layer.name in d.monitors else None
+            profile = d.provision.profile_state(layer)
             layers.append(
                 {
                     "name": layer.name,
@@ -256,6 +286,9 @@ class DaemonCommands:
                     else None,
                     # interface, addresses, metric, default, data (docs/network.md)
                     **d.link_status(layer.name),
+                    # Is the layer's profile on the eUICC (store and forward, docs/downloads.md)
+                    "profile_state": profile[0] if profile else None,
+                    "profile_reason": profile[1] if profile else None,
                 }
             )
         modems = []
@@ -396,3 +429,33 @@ class DaemonCommands:
             return None
         info = msgspec.structs.replace(session.info, interface=self.d.interface(session.id))
         return msgspec.to_builtins(info)
+
+    async def profile_download(self, args: ProfileDownloadArgs) -> object:
+        """Download (and with `enable` switch to) a profile over the active layer; progress
+        goes to the control socket's caller and, throttled, to MQTT events."""
+        try:
+            code = parse_activation_code(args.code)
+        except ActivationCodeError as exc:
+            raise CommandRejected("invalid_payload", f"activation code: {exc}") from None
+        session = self.session(args.modem)
+        ctx = _mqtt_request.get()
+        sink = progress_sink()
+        events = self.d.provision.progress_events(session.id, ctx.request_id if ctx else None)
+        throttle = ProgressThrottle()
+
+        def progress(phase: Phase, done: int, total: int) -> None:
+            events(phase, done, total)
+            if sink is not None and throttle.admit(phase, done, total, time.monotonic()):
+                sink({"phase": phase.value, "bytes": done, "total": total})
+
+        try:
+            installed = await self.d.provision.download(
+                code,
+                confirmation_code=args.confirmation_code,
+                modem=session.id,
+                enable=args.enable,
+                on_progress=progress,
+            )
+        except (NoWorkingLink, LinkLost, DownloadBusy) as exc:
+            raise CommandRejected(exc.code, str(exc).removeprefix("no working link: ")) from None
+        return msgspec.to_builtins(installed)

@@ -3,12 +3,16 @@
 Request:  {"id": 1, "cmd": "status", "args": {}}
 Reply:    {"id": 1, "ok": true, "result": ...}
           {"id": 1, "ok": false, "error": {"type": "Es10Error", "message": "..."}}
+
+A long command (a profile download) may send interim lines before its reply, each
+`{"id": 1, "progress": {...}}` (no "ok"); `control_call(..., on_progress=)` hands them over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import os
 import resource
@@ -134,6 +138,22 @@ class _Reply(msgspec.Struct, omit_defaults=True):
 
 
 _encoder = msgspec.json.Encoder()
+
+ProgressSink = Callable[[object], None]
+_progress_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar(
+    "control_progress_sink", default=None
+)
+
+
+def progress_sink() -> ProgressSink | None:
+    """Inside a control request's handler: send an interim `progress` line to the caller
+    (JSON-able data; never blocks). None outside a control request."""
+    return _progress_sink.get()
+
+
+def encode_progress(request_id: int | str | None, data: object) -> bytes:
+    """One interim progress line."""
+    return _encoder.encode({"id": request_id, "progress": data}) + b"\n"
 
 
 def encode_error(request_id: int | str | None, exc_type: str, message: str) -> bytes:
@@ -355,7 +375,7 @@ class ControlServer:
                     return
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
-                        await self._write(writer, await self._answer(exc.partial))
+                        await self._write(writer, await self._answer(exc.partial, writer))
                     return
                 except asyncio.LimitOverrunError:
                     # The rest of the line is still unread; there is no safe place to resume.
@@ -365,7 +385,7 @@ class ControlServer:
                     )
                     return
                 if line.strip():
-                    await self._write(writer, await self._answer(line))
+                    await self._write(writer, await self._answer(line, writer))
         except (ConnectionError, TimeoutError) as exc:
             log.debug("control_connection_dropped", error=repr(exc))
         except asyncio.CancelledError:
@@ -387,11 +407,27 @@ class ControlServer:
         async with asyncio.timeout(WRITE_TIMEOUT_S):
             await writer.drain()
 
-    async def _answer(self, line: bytes) -> bytes:
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter | None = None) -> bytes:
         try:
             request_id, cmd, args = parse_request(line)
         except BadRequest as exc:
             return encode_error(_salvage_id(line), exc.error_type, exc.message)
+
+        def progress(data: object) -> None:
+            if writer is None or writer.is_closing():
+                return
+            try:
+                writer.write(encode_progress(request_id, data))
+            except (msgspec.EncodeError, TypeError) as exc:
+                log.error("control_progress_not_serialisable", cmd=cmd, error=str(exc))
+
+        token = _progress_sink.set(progress)
+        try:
+            return await self._run(request_id, cmd, args)
+        finally:
+            _progress_sink.reset(token)
+
+    async def _run(self, request_id: int | str | None, cmd: str, args: Args) -> bytes:
         try:
             async with asyncio.timeout(self._handler_timeout):
                 result = await self._handler(cmd, args)
@@ -413,6 +449,20 @@ class ControlServer:
 
 
 _request_ids = itertools.count(1)
+_NO_PROGRESS = object()
+
+
+def _progress_of(raw: bytes) -> object:
+    """The data of an interim progress line, or _NO_PROGRESS for anything else."""
+    if not raw.startswith(b'{"id":') or b'"progress":' not in raw:
+        return _NO_PROGRESS
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return _NO_PROGRESS
+    if isinstance(value, dict) and "progress" in value and "ok" not in value:
+        return value["progress"]
+    return _NO_PROGRESS
 
 
 async def control_call(
@@ -420,8 +470,11 @@ async def control_call(
     cmd: str,
     args: Mapping[str, object] | None = None,
     timeout: float = DEFAULT_CALL_TIMEOUT_S,
+    on_progress: ProgressSink | None = None,
 ) -> object:
-    """Send one request and return its result; raise ControlError (or a subclass) otherwise."""
+    """Send one request and return its result; raise ControlError (or a subclass) otherwise.
+
+    Interim progress lines go to on_progress (and are skipped without it)."""
     request_id = next(_request_ids)
     line = _encoder.encode({"id": request_id, "cmd": cmd, "args": dict(args or {})}) + b"\n"
     writer: asyncio.StreamWriter | None = None
@@ -435,7 +488,13 @@ async def control_call(
                 raise ControlError(f"{path}: permission denied") from exc
             writer.write(line)
             await writer.drain()
-            raw = await reader.readline()
+            while True:
+                raw = await reader.readline()
+                progress = _progress_of(raw)
+                if progress is _NO_PROGRESS:
+                    break
+                if on_progress is not None:
+                    on_progress(progress)
     except TimeoutError:
         raise ControlTimeout(f"{cmd}: no answer within {timeout:g}s") from None
     except ValueError:

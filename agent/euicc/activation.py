@@ -64,6 +64,14 @@ class ActivationCode(msgspec.Struct, frozen=True, kw_only=True):
         return "$".join(fields)
 
 
+def masked(code: ActivationCode) -> str:
+    """The code for logs, status and errors: the matching ID is a bearer token (whoever has it
+    can download the profile once), so only its first two characters and its length show."""
+    mid = code.matching_id
+    hidden = f"{mid[:2]}…({len(mid)})" if len(mid) > 4 else f"…({len(mid)})"
+    return f"1${code.smdp_address}${hidden}"
+
+
 def parse_activation_code(text: str) -> ActivationCode:
     """Parse an activation code as users paste it; raises ActivationCodeError naming the field."""
     if len(text) > MAX_CODE:

@@ -172,6 +172,8 @@ class Downloader:
         self.bpp_apdu_timeout = bpp_apdu_timeout
         self.transaction_id: str | None = None
         self._card_session = False  # the eUICC holds a session that CancelSession must end
+        #: Set on a failure: whether CancelSession closed the session on the card and SM-DP+.
+        self.session_cancelled = False
 
     async def run(self) -> DownloadResult:
         """Download and install; raises DownloadError (sessions cancelled) or Es9Error/Es10Error."""
@@ -190,6 +192,7 @@ class Downloader:
             result = await self._load(bpp)
         except BaseException as exc:
             cancelled = await self._cancel(phase, exc) if self._card_session else False
+            self.session_cancelled = cancelled
             if isinstance(exc, DownloadError):
                 exc.cancelled = cancelled
             elif isinstance(exc, (Es10Error, ApduError, ParseError)):

@@ -12,8 +12,9 @@ import base64
 import contextlib
 import datetime
 import json
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +32,10 @@ CONNECT_TIMEOUT_S: Final = 20.0
 REQUEST_TIMEOUT_S: Final = 60.0  # one whole exchange; a BPP of a few hundred KB included
 MAX_RESPONSE: Final = 2_000_000  # a bound profile package is well below this
 MAX_HEADER: Final = 16_384
+
+#: Opens a connected TCP socket to (address, port): how the daemon makes ES9+ traffic leave
+#: through its active layer's link (interface, mark, source address). Called under a deadline.
+Connector = Callable[[str, int], Awaitable[socket.socket]]
 
 
 class Es9Error(AgentError):
@@ -134,6 +139,7 @@ class Es9Client:
         resolve: Sequence[Resolve] = (),
         timeout: float = REQUEST_TIMEOUT_S,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        connect: Connector | None = None,
     ) -> None:
         self.smdp_address = smdp_address
         host, _, port = smdp_address.partition(":")
@@ -143,17 +149,27 @@ class Es9Client:
         self._resolve = {(r.host, r.port): r.address for r in resolve}
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self._connect = connect
+
+    async def _open(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._connect is None:
+            return await asyncio.open_connection(
+                address, self.port, ssl=self._ssl, server_hostname=self.host
+            )
+        sock = await self._connect(address, self.port)
+        try:
+            return await asyncio.open_connection(
+                sock=sock, ssl=self._ssl, server_hostname=self.host
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     async def call(self, function: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """POST one ES9+ function; returns the JSON body (None for 204), raises on failure."""
         address = self._resolve.get((self.host.lower(), self.port), self.host)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    address, self.port, ssl=self._ssl, server_hostname=self.host
-                ),
-                self.connect_timeout,
-            )
+            reader, writer = await asyncio.wait_for(self._open(address), self.connect_timeout)
         except ssl.SSLCertVerificationError as exc:
             if _clock_problem(exc):
                 now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

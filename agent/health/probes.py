@@ -148,17 +148,29 @@ async def _open_stream(
     ssl_ctx = ssl.create_default_context() if tls else None
     if link is None or not link.bound:
         return await asyncio.open_connection(host, port, ssl=ssl_ctx, limit=limit)
-    address = await _resolve_on_link(host, link, timeout)
-    family = _family_of(address) or socket.AF_INET
-    sock = _bound_socket(family, socket.SOCK_STREAM, link)
+    sock = await connect_on_link(host, port, link, timeout)
     try:
-        await asyncio.get_running_loop().sock_connect(sock, (address, port))
         return await asyncio.open_connection(
             sock=sock, ssl=ssl_ctx, server_hostname=host if tls else None, limit=limit
         )
     except BaseException:
         sock.close()
         raise
+
+
+async def connect_on_link(host: str, port: int, link: LinkBinding, timeout: float) -> socket.socket:
+    """A TCP socket connected to host:port through `link` (its interface, mark, source address
+    and DNS servers); call under a timeout. Other rooms' traffic that must leave by a layer's
+    link (ES9+ downloads) uses it too."""
+    address = await _resolve_on_link(host, link, timeout)
+    family = _family_of(address) or socket.AF_INET
+    sock = _bound_socket(family, socket.SOCK_STREAM, link)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _failure(error: str, at: float) -> ProbeResult:

@@ -91,6 +91,13 @@ class Request:
 
 
 _CREDENTIAL_FIELDS = ("token", "sender", "request_id")
+#: Arguments that are bearer tokens themselves (an activation code's matching ID): never logged.
+_SECRET_ARGS = frozenset({"code", "confirmation_code"})
+
+
+def loggable(args: dict[str, Any]) -> dict[str, Any]:
+    """A request's arguments with secret ones masked, for the log."""
+    return {k: ("***" if k in _SECRET_ARGS and v is not None else v) for k, v in args.items()}
 
 
 def peek_request_id(payload: bytes) -> str | None:
@@ -193,7 +200,12 @@ async def execute(
         )
         if handler is None:
             raise CommandRejected("not_supported", "no command handler is attached")
-        log.info("mqtt_command_received", command=command, sender=request.sender, args=request.args)
+        log.info(
+            "mqtt_command_received",
+            command=command,
+            sender=request.sender,
+            args=loggable(request.args),
+        )
         async with asyncio.timeout(timeout):
             result = await handler(command, request.args, ctx)
         response = CommandResponse(

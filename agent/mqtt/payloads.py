@@ -218,6 +218,16 @@ class DrillCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
     """`cmd/drill`: run a failover drill."""
 
 
+class ProfileDownloadCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
+    """`cmd/profile_download`: download a profile by activation code over the active layer
+    (`enable` then switches to it); progress comes as `download_progress` events."""
+
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    confirmation_code: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    modem: Name | None = None
+    enable: bool = False
+
+
 COMMANDS: dict[str, type[CommandBase]] = {
     "status": StatusCommand,
     "switch_layer": SwitchLayerCommand,
@@ -225,6 +235,7 @@ COMMANDS: dict[str, type[CommandBase]] = {
     "profile_disable": ProfileDisableCommand,
     "profile_nickname": ProfileNicknameCommand,
     "drill": DrillCommand,
+    "profile_download": ProfileDownloadCommand,
 }
 
 
