@@ -206,19 +206,21 @@ def test_group_must_list_this_device_and_outlive_keepalive(tmp_path: Path) -> No
     assert err.key == "group.claim_ttl"
 
 
-def test_daemon_refuses_sibling_layers_until_it_runs_them(tmp_path: Path) -> None:
+def test_run_check_accepts_sibling_layers(tmp_path: Path) -> None:
     # A child process: `run` sets up the process's logging, which must not leak into other tests.
     path = tmp_path / "agent.toml"
-    path.write_text(textwrap.dedent(WATCH))
+    text = textwrap.dedent(WATCH).replace("/tmp/esim-agent-test", str(tmp_path / "state"))
+    text = text.replace("/dev/ttyUSB2", str(tmp_path / "absent-port"))
+    path.write_text(text + f'\n[control]\nsocket = "{tmp_path / "control.sock"}"\n')
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--config", str(path)],
+        [sys.executable, "-m", "agent", "run", "--check", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=90.0,
         check=False,
     )
-    assert result.returncode == 78
-    assert "layers[0].device: sibling layers are not run by this daemon yet" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: ok"
 
 
 def test_check_does_not_ask_a_sibling_layer_for_a_quota(tmp_path: Path) -> None:

@@ -82,13 +82,6 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         error(str(exc), "config")
         return EX_CONFIG
-    siblings = [i for i, x in enumerate(cfg.layers) if x.is_sibling]
-    if siblings:
-        # The sibling view and claim driver exist (agent/siblings) but the daemon does not run
-        # them yet: refuse clearly rather than start with a layer nothing would feed.
-        key = f"layers[{siblings[0]}].device"
-        error(f"{args.config}: {key}: sibling layers are not run by this daemon yet", "config")
-        return EX_CONFIG
     if args.check:
         problem = state_dir_problem(cfg.state_dir, create=False) or control_socket_problem(
             cfg.control_socket, create=False
@@ -141,6 +134,38 @@ def _control(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None
         raise SystemExit(EXIT_RUNTIME) from None
 
 
+def _group_status(group: dict[str, Any] | None) -> None:
+    """The sibling layers' view and the group claim, when the device is in a [group]."""
+    if not group:
+        return
+
+    def yes_no(v: object) -> str:
+        return "-" if v is None else ("yes" if v else "no")
+
+    if group["siblings"]:
+        sys.stdout.write("\n")
+        print_table(
+            ("sibling layer", "device", "online", "connectivity", "health", "reason"),
+            [
+                (
+                    x["layer"],
+                    x["device"],
+                    yes_no(x["online"]),
+                    yes_no(x["connectivity"]),
+                    x["health"],
+                    x["reason"],
+                )
+                for x in group["siblings"]
+            ],
+        )
+    claim = group.get("claim")
+    broker = "connected" if group["broker_connected"] else "unreachable"
+    line = f"\nbroker: {broker}"
+    if claim:
+        line += f"  group {claim['group']} emergency claim: {claim['phase']}"
+    sys.stdout.write(line + "\n")
+
+
 def _status(args: argparse.Namespace) -> int:
     st = _control(args, "status")
     if args.json:
@@ -164,6 +189,7 @@ def _status(args: argparse.Namespace) -> int:
             for x in st["layers"]
         ],
     )
+    _group_status(st.get("group"))
     sys.stdout.write("\n")
     rows = []
     for m in st["modems"]:

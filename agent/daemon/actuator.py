@@ -13,6 +13,7 @@ import structlog
 
 from agent.daemon.session import ModemSession
 from agent.errors import AgentError
+from agent.euicc.lpa import Lpa
 from agent.euicc.switch import SwitchReport
 from agent.health.monitor import LayerMonitor
 from agent.policy.engine import (
@@ -23,6 +24,7 @@ from agent.policy.engine import (
     EnableEmergency,
     RadioDown,
     RadioUp,
+    SleepLayer,
     SwitchDone,
 )
 
@@ -76,8 +78,12 @@ class Actuator:
         d = self.d
         if isinstance(action, EmitEvent):
             d.timeline.record(action.event)
+        elif isinstance(action, ActivateLayer) and action.device is not None:
+            self.spawn(f"activate-{action.layer}", self.activate_sibling(action))
         elif isinstance(action, ActivateLayer):
             self.spawn(f"activate-{action.layer}", self.activate(action))
+        elif isinstance(action, SleepLayer):
+            self.spawn(f"sleep-{action.layer}", self.sleep_layer(action.layer))
         elif isinstance(action, EnableEmergency):
             log.warning("emergency_enabling", layer=action.layer)
         elif isinstance(action, DisableEmergency):
@@ -223,15 +229,99 @@ class Actuator:
             self.refeed(session.id)
 
     async def disable_emergency(self, name: str) -> None:
-        """Back from the emergency profile to the modem's home profile."""
+        """Back from the emergency profile to the modem's home profile (or none at all when
+        the modem carries no other layer, e.g. a tablet holding only the group emergency)."""
         d = self.d
         layer = d.cfg.layer(name)
         session = d.sessions.get(layer.modem)
         home = d.home_profile(layer.modem)
-        if session is None or home is None or session.enabled_iccid != layer.profile:
+        if session is None or session.enabled_iccid != layer.profile:
+            return
+        if home is None:
+            await self.sleep_layer(name)
+            d.publisher.event("emergency_disabled", {"layer": name, "restored": None})
             return
         log.info("emergency_disabling", layer=name, restore_to=home)
         report = await self.switch_modem(session, home)
         event = {"layer": name, "restored": home, "outcome": report.outcome, "error": report.error}
         log.info("emergency_disabled", **event)
         d.publisher.event("emergency_disabled", event)
+
+    # ---- sibling layers and companion mode (docs/siblings.md) -----------------------------
+
+    async def activate_sibling(self, action: ActivateLayer) -> None:
+        """A sibling layer: no modem work. Verified by the sibling side's verdict (and our own
+        probe through its `interface`, when it has probes); traffic then follows its link.
+        Our own companion profiles go to sleep once it carries us. Always one SwitchDone."""
+        d = self.d
+        ok, reason, timings = False, "", {}
+        try:
+            layer = d.cfg.layer(action.layer)
+            timings["switched_at"] = time.monotonic()
+            monitor = d.siblings.monitors.get(layer.name)
+            if monitor is not None:
+                health = await monitor.check_once()
+                if health.state not in ("up", "degraded"):
+                    raise AgentError(f"own probe through {layer.interface}: {health.reason}")
+            elif not d.siblings.usable(layer.name):
+                raise AgentError(f"sibling {layer.device} is not usable")
+            if d.datalinks is not None and layer.interface is not None:
+                await d.datalinks.set_sibling_active(layer.name, layer.interface)
+            ok = True
+            timings["verified_at"] = time.monotonic()
+        except (AgentError, KeyError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("layer_switch_failed", layer=action.layer, error=reason)
+        finally:
+            d.post(
+                SwitchDone(
+                    layer=action.layer, ok=ok, now=time.monotonic(), reason=reason, timings=timings
+                )
+            )
+        if ok:
+            await self.sleep_companions()
+
+    async def sleep_companions(self) -> None:
+        """Our own profiles sleep while a sibling carries us (also the ones found enabled at
+        start: the policy never activated them, so it asks for no SleepLayer)."""
+        d = self.d
+        if d.policy is None:
+            return
+        for spec in d.policy.config.layers:
+            if spec.companion and spec.name != d.policy.active:
+                await self.sleep_layer(spec.name)
+
+    async def sleep_layer(self, name: str) -> None:
+        """Put one of our own layers to sleep: radio off when `radio_down_when_inactive`,
+        else its profile disabled through the LPA (under the modem's lock, list re-read)."""
+        d = self.d
+        layer = d.cfg.layer(name)
+        session = d.sessions.get(layer.modem)
+        if session is None or not session.online:
+            return
+        if d.policy is not None and d.policy.active == name:
+            return  # the policy chose it again meanwhile
+        if layer.radio_down_when_inactive:
+            log.info("layer_sleeping", layer=name, how="radio_off")
+            await self.radio(session, False)
+            return
+        if session.enabled_iccid != layer.profile:
+            return
+        log.info("layer_sleeping", layer=name, how="profile_disabled", iccid=layer.profile)
+        held = self.hold(layer.modem)
+
+        async def op(lpa: Lpa) -> None:
+            await lpa.disable_profile(layer.profile)
+
+        try:
+            await d.before_switch(session)
+            await session.with_lpa(op)
+            if d.datalinks is not None:
+                d.datalinks.switched(session)
+            log.info("layer_asleep", layer=name)
+        except AgentError as exc:
+            log.warning("layer_sleep_failed", layer=name, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            for m in held:
+                m.resume(reset=True)
+            self.refeed(layer.modem)

@@ -44,8 +44,9 @@ from agent.daemon.preflight import (
 )
 from agent.daemon.provision import Provisioner
 from agent.daemon.publish import StatePublisher
-from agent.daemon.reload import ReloadPlan, carry_policy, plan
+from agent.daemon.reload import ReloadPlan, carry_policy, plan, restart_needed
 from agent.daemon.session import ModemSession
+from agent.daemon.siblings import SiblingSide
 from agent.daemon.supervisor import Supervisor
 from agent.daemon.timeline import Timeline, describe
 from agent.errors import ConfigError
@@ -148,6 +149,8 @@ class Daemon:
         self.actuator = Actuator(self)
         #: Profile downloads (on request and store and forward), on a working layer only.
         self.provision = Provisioner(self)
+        #: Sibling layers and the group claim (docs/siblings.md); idle without a [group].
+        self.siblings = SiblingSide(self)
         #: Passive evidence (URCs, link events, interface counters) for the layer monitors.
         self.evidence = EvidenceFeeds(
             lambda m: [
@@ -233,7 +236,10 @@ class Daemon:
         for mcfg in cfg.modems:
             self.sessions[mcfg.id] = self._new_session(cfg, mcfg.id)
         for layer in cfg.layers:
-            self.monitors[layer.name], self.layer_probes[layer.name] = self._new_monitor(cfg, layer)
+            if not layer.is_sibling:
+                monitor, self.layer_probes[layer.name] = self._new_monitor(cfg, layer)
+                self.monitors[layer.name] = monitor
+        self.siblings.build_monitors(self._binding)
         self.policy = initial_state(
             PolicyConfig.from_config(cfg), time.monotonic(), id_prefix=boot_prefix(cfg.device_id)
         )
@@ -255,6 +261,7 @@ class Daemon:
             self._start_links(m.id)
         await self._first_probe_round()
         self._open_policy()
+        self.siblings.start(self.supervisor)
         self.supervisor.start("policy", self._policy_loop)
         self.supervisor.start("tick", self._tick_loop)
         self.supervisor.start("notifications", self.courier.run)
@@ -449,6 +456,7 @@ class Daemon:
 
     def _new_bridge(self, cfg: Config) -> MqttBridge:
         bridge = MqttBridge(self._mqtt_settings(cfg), cfg.device_id, self.commands.mqtt)
+        self.siblings.attach(bridge)
         for pool in cfg.usage.pools:
             if pool.devices:
                 # Siblings publish their share of the pool; ours goes out after each poll.
@@ -479,6 +487,8 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             diff = plan(self.cfg, new)
+            if (why := restart_needed(self.cfg, new)) is not None:
+                raise ConfigError(self.config_path, "group", why)
             built = await self._build(new, diff)
         except (ConfigError, PreflightError) as exc:
             log.error("config_reload_refused", error=str(exc))
@@ -521,7 +531,7 @@ class Daemon:
             for modem_id in diff.modems_new:
                 built.sessions[modem_id] = self._new_session(new, modem_id)
             for layer in new.layers:
-                if layer.name in diff.layers_new:
+                if layer.name in diff.layers_new and not layer.is_sibling:
                     monitor, probes = self._new_monitor(new, layer)
                     built.monitors[layer.name], built.probes[layer.name] = monitor, probes
             built.policy_config = PolicyConfig.from_config(new)
@@ -570,7 +580,9 @@ class Daemon:
         self.layer_probes.update(built.probes)
         # Keep the file's order (the sessions' order is what status shows).
         self.sessions = {m.id: self.sessions[m.id] for m in new.modems if m.id in self.sessions}
-        self.monitors = {x.name: self.monitors[x.name] for x in new.layers}
+        self.monitors = {
+            x.name: self.monitors[x.name] for x in new.layers if x.name in self.monitors
+        }
         for modem_id in built.sessions:
             self.supervisor.start(f"modem-{modem_id}", self.sessions[modem_id].run)
             self._start_links(modem_id)
@@ -595,6 +607,12 @@ class Daemon:
                 continue
             enabled = session.enabled_iccid
             emergency = {layer.profile for layer in self.cfg.layers if layer.role == "emergency"}
+            if (
+                enabled is None
+                and self.policy is not None
+                and any(sp.companion for sp in self.policy.config.layers)
+            ):
+                continue  # a companion's own profile sleeps while its sibling carries it
             if enabled is None or enabled in emergency:
                 log.warning("euicc_recovering", modem=session.id, enabled=enabled, restore_to=home)
                 report = await self.switch_modem(session, home)
@@ -686,6 +704,7 @@ class Daemon:
         while True:
             await asyncio.sleep(TICK_S)
             self._events.put_nowait(Tick(now=time.monotonic()))
+            self.siblings.tick()
 
     async def _policy_loop(self) -> None:
         while True:
@@ -699,6 +718,7 @@ class Daemon:
                 waiter.set_result(actions)
             for action in actions:
                 self.actuator.execute(action)
+            self.siblings.after_policy(self.policy)
             if (self.policy.active, self.policy.phase) != before:
                 self.provision.link_changed()
                 self._publish_layers()
@@ -749,6 +769,11 @@ class Daemon:
             return self._layer(name)
         except KeyError:
             return None
+
+    def publish_summary(self) -> None:
+        """Publish the layers and the device summary again (a layer's health changed)."""
+        self._publish_layers()
+        self._publish_device()
 
     def _publish_layers(self) -> None:
         self.publisher.layers(self.cfg.layers, self._active_name(), self.fed)

@@ -273,6 +273,7 @@ class DaemonCommands:
                     "role": layer.role,
                     "modem": layer.modem,
                     "profile": layer.profile,
+                    "device": layer.device,
                     "health": state,
                     "reason": reason,
                     "active": policy is not None and policy.active == layer.name,
@@ -303,6 +304,8 @@ class DaemonCommands:
             "active_layer": policy.active if policy else None,
             "phase": str(policy.phase) if policy else None,
             "layers": layers,
+            # Sibling layers' view and the group claim (docs/siblings.md); None without [group].
+            "group": d.siblings.status() if d.siblings.enabled else None,
             "modems": modems,
             "policy": summary(policy) if policy is not None else {},
             "tasks": d.supervisor.snapshot(),

@@ -213,6 +213,10 @@ class DataLinks:
         """Traffic follows `layer` (its default route gets the lowest metric)."""
         await self.datapath.set_active(layer)
 
+    async def set_sibling_active(self, layer: str, ifname: str) -> None:
+        """Traffic follows a sibling layer through its `interface` (docs/siblings.md)."""
+        await self.datapath.set_sibling_active(layer, ifname)
+
     async def close(self, *, clean: bool = True) -> None:
         """Stop the data tasks and remove every route, rule and address the agent added."""
         tasks = [t for modem_id in list(self._running) if (t := self._stop(modem_id))]

@@ -80,7 +80,10 @@ class DataPath:
         stay unbound; `attach_netlink()` opens it once discovery names an interface.
         """
         dp = cls(cfg, None, None, base_dir)
-        if any(interface_of(m) is not None for m in cfg.modems):
+        # A sibling layer's `interface` is routed over too (set_sibling_active).
+        if any(interface_of(m) is not None for m in cfg.modems) or any(
+            x.interface for x in cfg.layers
+        ):
             await dp.attach_netlink()
         return dp
 
@@ -185,11 +188,36 @@ class DataPath:
             async with self._lock:
                 await self.routes.set_active(layer)
 
+    async def set_sibling_active(self, layer: str, ifname: str) -> None:
+        """A sibling layer carries us through `ifname` (Wi-Fi, tether, companion link), whose
+        addresses something else manages: route over what the interface has (its addresses,
+        the main table's gateway through it), then make it the active layer."""
+        if self.routes is None:
+            return  # no netlink: the system's own routes are all there is
+        sources, gateways = await _interface_routing(ifname)
+        if sources:
+            async with self._lock:
+                await self.routes.set_layer(
+                    layer, ifname, gateways, sources, metered=self.cfg.layer(layer).metered
+                )
+        await self.set_active(layer)
+
     def snapshot(self) -> dict[str, dict[str, object]]:
         """Per layer, for `status --json` / MQTT: interface, addresses, metric, default, data."""
         routed = self.routes.snapshot() if self.routes is not None else {}
         out: dict[str, dict[str, object]] = {}
         for layer in self.cfg.layers:
+            if layer.modem not in self._modems:
+                # A sibling layer: its interface is the config's; no data connection of ours.
+                r = routed.get(layer.name)
+                out[layer.name] = {
+                    "interface": layer.interface,
+                    "addresses": r["addresses"] if r else [],
+                    "metric": r.get("metric") if r else None,
+                    "default": bool(r.get("default")) if r else False,
+                    "data": None,
+                }
+                continue
             link = self._modems[layer.modem]
             serving = link.layer == layer.name
             r = routed.get(layer.name)
@@ -341,3 +369,34 @@ class DataPath:
             for layer in self._layers_of(link.modem_id):
                 await self.routes.remove_layer(layer.name)
             await self.addresser.clear(link.interface)
+
+
+async def _interface_routing(ifname: str) -> tuple[list[str], list[str]]:
+    """The interface's global addresses, and at most one gateway per family from the main
+    table's default routes through it."""
+    from pyroute2 import AsyncIPRoute
+
+    sources: list[str] = []
+    gateways: dict[int, str] = {}
+    try:
+        async with asyncio.timeout(NETLINK_TIMEOUT), AsyncIPRoute() as ipr:
+            found = await ipr.link_lookup(ifname=ifname)
+            if not found:
+                return [], []
+            index = found[0]
+            async for a in await ipr.addr("dump", index=index):
+                if a.get("family") in (socket.AF_INET, socket.AF_INET6) and a.get("scope") == 0:
+                    sources.append(str(a.get("address")))
+            for family in (socket.AF_INET, socket.AF_INET6):
+                async for r in await ipr.route("dump", family=family):
+                    if (
+                        r.get("oif") == index
+                        and r["dst_len"] == 0
+                        and r.get("table") == 254
+                        and r.get("gateway")
+                    ):
+                        gateways.setdefault(family, str(r.get("gateway")))
+    except (OSError, TimeoutError) as exc:
+        log.warning("datapath.sibling_link_unreadable", interface=ifname, error=str(exc))
+        return [], []
+    return sources, list(gateways.values())

@@ -83,6 +83,23 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     )
 
 
+def restart_needed(old: Config, new: Config) -> str | None:
+    """Why SIGHUP cannot apply `new`, or None. The sibling view and the group claim are built
+    once at start (docs/siblings.md): a change to [group], to sibling layers or to the group
+    emergency needs a restart."""
+    if old.group != new.group:
+        return "a change to [group] needs a restart"
+
+    def group_part(cfg: Config) -> list[object]:
+        return [x for x in cfg.layers if x.is_sibling or x.scope == "group"]
+
+    if group_part(old) != group_part(new):
+        return "a change to sibling layers or the group emergency layer needs a restart"
+    if old.timers.companion_grace != new.timers.companion_grace and group_part(new):
+        return "a change to timers.companion_grace needs a restart"
+    return None
+
+
 def carry_policy(old: PolicyState, config: PolicyConfig) -> PolicyState:
     """The policy state under a new PolicyConfig, keeping what it knew of unchanged layers.
 

@@ -101,6 +101,10 @@ class MqttBridge:
         # Latest retained payload per topic: the whole truth we re-publish after every reconnect.
         self._snapshot: dict[str, bytes] = {}
         self._watches: dict[str, Callable[[str, bytes], None]] = {}
+        self._session_up: list[Callable[[], None]] = []
+        self._session_down: list[Callable[[], None]] = []
+        #: The live session's client, for publish_raw (None between sessions).
+        self._client_now: aiomqtt.Client | None = None
         self._dirty: dict[str, None] = {}
         self._outbox: deque[_Outgoing] = deque(maxlen=settings.event_queue_size)
         self._wake = asyncio.Event()
@@ -178,6 +182,36 @@ class MqttBridge:
         """Deliver messages on topic_filter (retained ones too) to callback(topic, payload);
         subscribed on every (re)connect. For state other devices publish, e.g. shared pools."""
         self._watches[topic_filter] = callback
+
+    def on_session(self, up: Callable[[], None], down: Callable[[], None]) -> None:
+        """Call up() once a session is subscribed to every watch (before any message of it is
+        delivered), down() when that session is lost or closed. For parts that must know when
+        their view of other devices is live (agent.daemon.siblings)."""
+        self._session_up.append(up)
+        self._session_down.append(down)
+
+    async def publish_raw(
+        self, topic: str, payload: bytes, retain: bool, expiry: float | None
+    ) -> None:
+        """Publish now on the live session (QoS 1), with an MQTT v5 message expiry in seconds
+        when given; aiomqtt.MqttError when no session is up. Nothing is queued for a later
+        session: the caller decides what a lost publish means (a group claim must not outlive
+        the session that made it)."""
+        client = self._client_now
+        if client is None or not self._connected.is_set():
+            raise aiomqtt.MqttError("no MQTT session")
+        props: Properties | None = None
+        if expiry is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = max(1, int(expiry))
+        await client.publish(
+            topic,
+            payload,
+            qos=QOS,
+            retain=retain,
+            properties=props,
+            timeout=self.settings.publish_timeout,
+        )
 
     def publish_event(self, payload: msgspec.Struct | Mapping[str, Any]) -> None:
         """Queue a non-retained event; when the queue is full the oldest event is dropped."""
@@ -307,8 +341,11 @@ class MqttBridge:
             self._idle.clear()
             self._wake.set()
             self._disconnected.clear()
+            self._client_now = client
             self._connected.set()
             log.info("mqtt_connected", host=self.settings.host, port=self.settings.port)
+            # Before the receiver starts: listeners hear "up" before the session's messages.
+            self._notify(self._session_up)
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._sender(client), name="mqtt-sender")
@@ -318,7 +355,17 @@ class MqttBridge:
                 log.info("mqtt_closed")
             finally:
                 self._connected.clear()
+                self._client_now = None
                 self._disconnected.set()
+                self._notify(self._session_down)
+
+    @staticmethod
+    def _notify(listeners: list[Callable[[], None]]) -> None:
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("mqtt_session_listener_failed")
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:
         """On close(): flush what is pending, say `offline`, and end the session."""

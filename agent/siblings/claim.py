@@ -50,6 +50,9 @@ class ClaimConfig(msgspec.Struct, frozen=True, kw_only=True):
     ttl: float = 60.0
     switch_timeout: float = 180.0
     failback_stable: float = 120.0
+    #: An online device that reports no connectivity still counts as carrying traffic for
+    #: this long (`companion_grace`): a device in the middle of its own failover is not down.
+    grace: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClaimConfig | None:
@@ -65,6 +68,7 @@ class ClaimConfig(msgspec.Struct, frozen=True, kw_only=True):
             ttl=g.claim_ttl,
             switch_timeout=cfg.timers.switch_timeout,
             failback_stable=cfg.timers.failback_stable,
+            grace=cfg.timers.companion_grace,
         )
 
 
@@ -162,6 +166,8 @@ class Peer(msgspec.Struct, frozen=True, kw_only=True):
 
     online: bool | None = None
     connectivity: bool | None = None
+    #: Since when it has been without reported connectivity (None while it has some).
+    quiet_since: float | None = None
 
 
 class LiveClaim(msgspec.Struct, frozen=True, kw_only=True):
@@ -230,11 +236,16 @@ def step(state: ClaimState, event: ClaimEvent) -> ClaimResult:
     elif isinstance(event, SiblingSeen):
         if event.device != me and event.device in state.config.others:
             old = state.peers.get(event.device, Peer())
+            conn = event.connectivity if event.connectivity is not None else old.connectivity
+            quiet = old.quiet_since
+            if conn is True:
+                quiet = None
+            elif quiet is None:
+                quiet = now
             peer = Peer(
                 online=event.online if event.online is not None else old.online,
-                connectivity=(
-                    event.connectivity if event.connectivity is not None else old.connectivity
-                ),
+                connectivity=conn,
+                quiet_since=quiet,
             )
             state = replace(state, peers={**state.peers, event.device: peer})
             claim = state.claims.get(event.device)
@@ -329,11 +340,13 @@ def _higher_up(state: ClaimState, now: float) -> bool:
     """Whether anything above the group emergency carries traffic, as far as we can tell."""
     if state.local_higher:
         return True
-    for d in state.config.others:
+    cfg = state.config
+    for d in cfg.others:
         peer = state.peers.get(d, Peer())
         claim = state.claims.get(d)
         live = claim is not None and now - claim.received_at < claim.ttl
-        if peer.online and peer.connectivity and not live:
+        switching = peer.quiet_since is not None and now - peer.quiet_since < cfg.grace
+        if peer.online and (peer.connectivity or switching) and not live:
             return True
     return False
 
