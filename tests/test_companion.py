@@ -203,7 +203,8 @@ def test_sibling_layers_feed_the_engine_from_mqtt_messages() -> None:
         "esim-agent/watch/availability",
         "esim-agent/watch/state",
     ]
-    assert [e.health for e in sl.on_broker(True, 0.0)] == [Health.DEGRADED]
+    # Until the sibling's state arrives there is no verdict (not a usable guess).
+    assert [e.health for e in sl.on_broker(True, 0.0)] == [Health.UNKNOWN]
     state = b'{"device_id":"phone","connectivity":true}'
     assert sl.on_message("esim-agent/phone/availability", b"online", 1.0) == []
     assert [e.health for e in sl.on_message("esim-agent/phone/state", state, 1.0)] == [Health.UP]
@@ -215,3 +216,32 @@ def test_sibling_layers_feed_the_engine_from_mqtt_messages() -> None:
         "sibling offline (Last Will)",
     )
     assert sl.on_message("esim-agent/tv/availability", b"online", 4.0) == []
+
+
+def test_a_sibling_never_heard_is_unknown_then_down_after_the_grace() -> None:
+    from agent.siblings.layers import SiblingLayers
+
+    data: dict[str, Any] = {
+        "device_id": "watch",
+        "mqtt": {"enabled": True},
+        "group": {"name": "family", "devices": ["phone", "watch"]},
+        "timers": {"companion_grace": GRACE},
+        "modems": [{"id": "m0", "port": "/dev/ttyUSB2"}],
+        "layers": [
+            {"name": "hotspot", "device": "phone", "role": "primary"},
+            {"name": "own", "modem": "m0", "profile": "89000000000000000029"},
+        ],
+    }
+    sl = SiblingLayers(parse_config(data), now=0.0)
+    (ev,) = sl.evaluate(0.0)  # no broker yet
+    assert ev.health is Health.UNKNOWN
+    assert sl.on_broker(True, 1.0) == []
+    assert sl.on_message("esim-agent/phone/availability", b"online", 2.0) == []
+    (ev,) = sl.evaluate(2.0 + GRACE + 0.1)  # the grace runs from its last change
+    assert ev.health is Health.DOWN
+    # Heard, then the broker goes: the grace applies (degraded), a verdict already given.
+    state = b'{"device_id":"phone","connectivity":true}'
+    (ev,) = sl.on_message("esim-agent/phone/state", state, 20.0)
+    assert ev.health is Health.UP
+    (ev,) = sl.on_broker(False, 21.0)
+    assert ev.health is Health.DEGRADED

@@ -305,3 +305,46 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
 
     await until(dormant_again, "watch back on the phone, own profile and emergency asleep")
     assert (await tablet.status())["group"]["claim"]["phase"] == "asleep"
+
+
+async def test_a_holder_killed_while_awake_comes_back_asleep(group: Group) -> None:
+    phone, watch, tablet = (group.devices[d] for d in DEVICES)
+
+    async def tablet_awake() -> bool:
+        ta = group.state("tablet")
+        return ta is not None and ta["active_layer"] == "sos" and ta["connectivity"]
+
+    async def settled() -> bool:
+        wa = group.state("watch")
+        return wa is not None and wa["active_layer"] == "phone-link" and await watch.enabled() == []
+
+    await until(settled, "watch on the phone")
+    await watch.control.call("link", modem="m0", state="down")
+    await phone.stop(signal.SIGKILL)
+    await until(tablet_awake, "the tablet's group emergency awake")
+
+    # The tablet dies while awake: its card keeps the emergency profile enabled.
+    await tablet.stop(signal.SIGKILL)
+    assert await tablet.enabled() == [SOS_ICCID]
+    await watch.control.call("link", modem="m0", state="up")
+    phone.start()
+
+    async def phone_connected() -> bool:
+        ph = group.state("phone")
+        avail = group.watcher.latest(f"{BASE}/phone/availability")
+        return avail == b"online" and ph is not None and ph["connectivity"]
+
+    await until(phone_connected, "the phone back and connected")
+    # Back with the group healthy, the tablet puts its emergency profile to sleep at start.
+    mark = group.mark()
+    tablet.start()
+
+    async def tablet_asleep() -> bool:
+        avail = group.watcher.latest(f"{BASE}/tablet/availability")
+        return avail == b"online" and await tablet.enabled() == []
+
+    await until(tablet_asleep, "the restarted tablet with its emergency profile disabled")
+    st = await tablet.status()
+    assert st["active_layer"] is None
+    assert st["group"]["claim"]["phase"] == "asleep"
+    assert group.emergency_transitions(mark) == []

@@ -291,6 +291,15 @@ class Actuator:
             if spec.companion and spec.name != d.policy.active:
                 await self.sleep_layer(spec.name)
 
+    async def sleep_modem_emergency(self, modem: str, enabled: str | None) -> None:
+        """At start, an emergency profile left enabled (a crash or stop while awake) on a modem
+        that carries no other layer goes back to sleep: the policy (and for a group, the
+        claim) wakes it again if it is still needed."""
+        for layer in self.d.cfg.layers:
+            if layer.modem == modem and layer.role == "emergency" and layer.profile == enabled:
+                log.warning("euicc_recovering", modem=modem, enabled=enabled, restore_to=None)
+                await self.sleep_layer(layer.name)
+
     async def sleep_layer(self, name: str) -> None:
         """Put one of our own layers to sleep: radio off when `radio_down_when_inactive`,
         else its profile disabled through the LPA (under the modem's lock, list re-read)."""
@@ -311,7 +320,10 @@ class Actuator:
         held = self.hold(layer.modem)
 
         async def op(lpa: Lpa) -> None:
-            await lpa.disable_profile(layer.profile)
+            # Under the modem's lock: another sleep (SleepLayer and the companions' sweep
+            # may meet) has perhaps done it already.
+            if session.enabled_iccid == layer.profile:
+                await lpa.disable_profile(layer.profile)
 
         try:
             await d.before_switch(session)

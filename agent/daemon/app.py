@@ -603,9 +603,11 @@ class Daemon:
             if not session.online or not session.profiles:
                 continue
             home = self.home_profile(session.id)
-            if home is None:
-                continue
             enabled = session.enabled_iccid
+            if home is None:
+                # Only an emergency on this modem (a group holder): asleep until woken again.
+                await self.actuator.sleep_modem_emergency(session.id, enabled)
+                continue
             emergency = {layer.profile for layer in self.cfg.layers if layer.role == "emergency"}
             if (
                 enabled is None

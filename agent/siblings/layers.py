@@ -74,6 +74,11 @@ class SiblingLayers:
                 broker_since=self.broker_since,
                 probe=self.probes[layer],
             )
+            if health is Health.DEGRADED and self.obs[device].connectivity is None:
+                # Not a verdict yet (the retained state is on its way, or the sibling never
+                # spoke): a usable guess would put our own profile to sleep only to wake it
+                # again. Unknown keeps the policy waiting until the grace runs out.
+                health, reason = Health.UNKNOWN, f"waiting for the sibling's state: {reason}"
             if self._last.get(layer) is not health:
                 self._last[layer] = health
                 out.append(LayerHealth(layer=layer, health=health, reason=reason, now=now))
