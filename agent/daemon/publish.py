@@ -38,10 +38,15 @@ class StatePublisher:
         self._bridge = bridge
         self._interface = interface
         self._published: dict[str, Any] = {}
+        self._transition: dict[str, Any] | None = None
 
     def forget(self) -> None:
-        """Publish everything again on the next change (a new bridge knows nothing)."""
+        """Publish everything again on the next change (a new bridge knows nothing); the last
+        transition, which no poll would publish again, goes to the new bridge at once."""
         self._published.clear()
+        bridge = self._bridge()
+        if bridge is not None and self._transition is not None:
+            bridge.publish_state("transition", self._transition)
 
     def state(self, key: str, payload: msgspec.Struct | Mapping[str, Any]) -> None:
         """Publish `<base>/<device>/<key>` retained, unless it is what we published last."""
@@ -59,6 +64,8 @@ class StatePublisher:
         """One event on `<base>/<device>/events` (not retained). A finished transition is also
         kept retained on `<base>/<device>/transition`: a viewer that subscribes later (`watch`)
         still sees the last one, which an event it missed cannot give."""
+        if type_ == "transition":
+            self._transition = dict(data)
         bridge = self._bridge()
         if bridge is None:
             return
