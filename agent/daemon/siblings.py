@@ -27,7 +27,7 @@ from agent.health.layer import Thresholds
 from agent.health.monitor import LayerMonitor
 from agent.health.probes import LinkBinding, probe_from_spec
 from agent.policy.engine import GroupWake, Health, LayerHealth, PolicyState
-from agent.siblings.adapter import ClaimDriver
+from agent.siblings.adapter import ClaimDriver, Publish
 from agent.siblings.claim import ClaimConfig, ClaimState
 from agent.siblings.layers import SiblingLayers
 
@@ -69,6 +69,7 @@ class SiblingSide:
         self._pending_messages = 0
         self._dropped = 0
         self._local: tuple[bool, bool] | None = None
+        self._publishes: set[asyncio.Task[None]] = set()
         self.broker_connected = False
 
     @property
@@ -88,10 +89,30 @@ class SiblingSide:
             filters.update(dict.fromkeys(self.layers.subscriptions()))
         if self.claim is not None:
             filters.update(dict.fromkeys(self.claim.subscriptions()))
-            self.claim.bind(bridge.publish_raw)
+            self.claim.bind(self._publisher(bridge))
         for topic_filter in filters:
             bridge.watch(topic_filter, self._on_message)
         bridge.on_session(lambda: self._put(("up",)), lambda: self._put(("down",)))
+
+    def _publisher(self, bridge: MqttBridge) -> Publish:
+        """The claim driver's publish on `bridge`, without waiting for the broker's ack: a
+        blackholed broker must not hold the queue (and with it the "down" that puts an awake
+        claimant to sleep) for a publish timeout. Publishes leave in order (paho queues each
+        one when its task first runs); a lost one is safe (docs/siblings.md)."""
+
+        async def publish(topic: str, payload: bytes, retain: bool, expiry: float | None) -> None:
+            if not bridge.connected:
+                raise aiomqtt.MqttError("no MQTT session")
+            task = asyncio.create_task(bridge.publish_raw(topic, payload, retain, expiry))
+            self._publishes.add(task)
+            task.add_done_callback(self._published)
+
+        return publish
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishes.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("group_claim_publish_failed", error=f"{type(exc).__name__}: {exc}")
 
     def build_monitors(self, binding: Callable[[str], LinkBinding | None]) -> None:
         """A monitor per sibling layer that names an `interface` and probes: our own probe
