@@ -168,6 +168,18 @@ class Group:
         return out
 
 
+def status_text(device: Device) -> str:
+    """`esim-agent status` as a person runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--socket", device.socket],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout
+
+
 async def until(check: Callable[[], Any], what: str, timeout: float = STEP_S) -> None:
     """Wait for a condition on other processes' state, with a deadline that names it."""
     try:
@@ -251,6 +263,13 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
     st = await tablet.status()
     assert st["group"]["claim"]["phase"] == "asleep"
     assert st["active_layer"] is None
+    # What a person sees: the sibling's view on the watch, the claim on the tablet.
+    shown = await asyncio.to_thread(status_text, watch)
+    rows = [line.split() for line in shown.splitlines() if line.startswith("phone-link ")]
+    row = rows[-1]  # the layers table first, then the siblings table
+    assert row[:6] == ["phone-link", "phone", "yes", "yes", "up", "sibling"]
+    assert "broker: connected" in shown
+    assert "group family emergency claim: asleep" in await asyncio.to_thread(status_text, tablet)
 
     # The phone dies without a goodbye: its Last Will wakes the watch's own profile.
     mark = group.mark()
