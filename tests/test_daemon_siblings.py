@@ -55,6 +55,11 @@ def test_sighup_refuses_group_changes_and_takes_others() -> None:
     why = restart_needed(old, parse_config(sibling))
     assert why is not None
     assert "needs a restart" in why
+    base = copy.deepcopy(TABLET)
+    base["mqtt"]["base_topic"] = "home"
+    why = restart_needed(old, parse_config(base))
+    assert why is not None
+    assert "needs a restart" in why
 
 
 class _FakeDaemon:

@@ -97,6 +97,8 @@ def restart_needed(old: Config, new: Config) -> str | None:
         return "a change to sibling layers or the group emergency layer needs a restart"
     if old.timers.companion_grace != new.timers.companion_grace and group_part(new):
         return "a change to timers.companion_grace needs a restart"
+    if old.group is not None and old.mqtt.base_topic != new.mqtt.base_topic:
+        return "a change to mqtt.base_topic in a [group] needs a restart"
     return None
 
 
