@@ -45,7 +45,7 @@ BASE = "esim-agent"
 PHONE_ICCID = "8944500102030405067"
 WATCH_ICCID = "8931440000012345678"
 SOS_ICCID = "8988247000001234567"
-DEVICES = ["phone", "watch", "tablet"]
+DEVICES = ["phone", "watch", "tablet", "laptop"]
 STEP_S = 60.0
 
 
@@ -87,14 +87,15 @@ def tune(device: str, data: dict[str, Any]) -> None:
     data["group"] = {
         "name": "family",
         "devices": DEVICES,
-        "emergency_devices": ["tablet"],
+        "emergency_devices": ["tablet", "laptop"],
+        "priority": {"tablet": 1, "laptop": 2},
         "claim_ttl": 8.0,
     }
     own = data["layers"][0]
     if device == "watch":
         own.update(name="own", role="failover")
         data["layers"] = [{"name": "phone-link", "device": "phone", "role": "primary"}, own]
-    elif device == "tablet":
+    elif device in ("tablet", "laptop"):
         own.update(name="sos", role="emergency", scope="group")
 
 
@@ -203,6 +204,7 @@ async def group(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
                 ("phone", PHONE_ICCID, "Home", True),
                 ("watch", WATCH_ICCID, "Watch", True),
                 ("tablet", SOS_ICCID, "Sos", False),
+                ("laptop", SOS_ICCID, "Sos", False),
             ]
         ):
             workdir = tmp_path / name
@@ -241,7 +243,7 @@ async def group(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
 
 
 async def test_phone_watch_tablet_story(group: Group) -> None:
-    phone, watch, tablet = (group.devices[d] for d in DEVICES)
+    phone, watch, tablet, laptop = (group.devices[d] for d in DEVICES)
 
     async def settled() -> bool:
         ph, wa = group.state("phone"), group.state("watch")
@@ -301,6 +303,9 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
         )
 
     await until(tablet_awake, "the tablet's group emergency profile awake and connected")
+    # The tablet comes first in the group's wake order: the laptop stands by.
+    assert await laptop.enabled() == []
+    assert (await laptop.status())["group"]["claim"]["phase"] == "asleep"
     woken = group.emergency_transitions(mark)
     assert [(t["device"], t["outcome"]) for t in woken if t["outcome"] != "pending"] == [
         ("tablet", "switched")
@@ -320,6 +325,7 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
             and ta["active_layer"] is None
             and await watch.enabled() == []
             and await tablet.enabled() == []
+            and await laptop.enabled() == []
         )
 
     await until(dormant_again, "watch back on the phone, own profile and emergency asleep")
@@ -327,7 +333,7 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
 
 
 async def test_a_holder_killed_while_awake_comes_back_asleep(group: Group) -> None:
-    phone, watch, tablet = (group.devices[d] for d in DEVICES)
+    phone, watch, tablet, laptop = (group.devices[d] for d in DEVICES)
 
     async def tablet_awake() -> bool:
         ta = group.state("tablet")
@@ -367,3 +373,10 @@ async def test_a_holder_killed_while_awake_comes_back_asleep(group: Group) -> No
     assert st["active_layer"] is None
     assert st["group"]["claim"]["phase"] == "asleep"
     assert group.emergency_transitions(mark) == []
+
+    # The laptop (next in the wake order) may have stood in while the tablet was dead; with
+    # the group healthy every emergency profile is asleep.
+    async def laptop_asleep() -> bool:
+        return await laptop.enabled() == []
+
+    await until(laptop_asleep, "the laptop's emergency profile asleep")
