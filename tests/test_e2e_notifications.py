@@ -182,6 +182,7 @@ async def test_enable_disable_delete_are_delivered_and_removed(
     assert (deleted["modem"], deleted["iccid"], deleted["removed"]) == ("m1", SPARE, True)
     assert "error" not in deleted
     assert deleted["address"] == smdp.core.address
+    assert deleted["layer"] == "primary", "sent over the working layer"
     status = await daemon(stack, "status")
     assert status["notifications"]["enabled"] is True
     assert status["notifications"]["modems"]["m1"]["pending"] == 0
@@ -212,7 +213,7 @@ async def test_unreachable_smdp_keeps_them_until_the_next_good_link(
     await stack.control("link", modem="m0", state="down")
     await stack.wait_transition(lambda d: d["to_layer"] == "failover", STEP_S, mark)
     sent = await event(stack, "notification_sent", mark, operation="delete")
-    assert (sent["iccid"], sent["removed"]) == (SPARE, True)
+    assert (sent["iccid"], sent["removed"], sent["layer"]) == (SPARE, True, "failover")
     assert received(smdp) == [("delete", SPARE)]
     assert await on_card(stack) == []
 

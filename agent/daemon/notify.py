@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import structlog
 
+from agent.daemon.provision import NoWorkingLink
 from agent.errors import AgentError
-from agent.euicc.es9 import Es9Client, Resolve
+from agent.euicc.es9 import CONNECT_TIMEOUT_S, Connector, Es9Client, Es9Error, Resolve
 from agent.euicc.es10 import NotificationMetadata, PendingNotification
 from agent.euicc.lpa import Lpa
 from agent.euicc.notifications import (
@@ -34,6 +36,7 @@ from agent.euicc.notifications import (
     deliver,
     remove_sent,
 )
+from agent.health.probes import LinkBinding, connect_on_link
 
 if TYPE_CHECKING:
     from agent.daemon.app import Daemon
@@ -83,9 +86,7 @@ class NotificationCourier:
         self.failed = 0
         self._schedule_params: tuple[float, float] | None = None
         self.schedule = self._new_schedule()
-        self._clients: dict[str, Es9Client] = {}
-        self._client_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
-        #: Replaceable: the daemon's bound ES9+ connection when it has one.
+        #: Where a notification goes: an ES9+ client on the working layer's link (replaceable).
         self.sink_for: SinkFactory = self._es9_client
 
     # ---- what the daemon tells us ----------------------------------------------------------
@@ -257,12 +258,8 @@ class NotificationCourier:
         return max(0.05, min(candidates)) if candidates else None
 
     def _link_usable(self) -> bool:
-        """Whether a working layer carries traffic now (the policy's active layer is up)."""
-        policy = self.d.policy
-        if policy is None or policy.active is None:
-            return False
-        state, _reason = self.d.fed.get(policy.active, ("unknown", ""))
-        return state in ("up", "degraded")
+        """Whether a working layer carries traffic now."""
+        return self._working_link() is not None
 
     def _free(self, session: ModemSession) -> bool:
         """Whether the courier may touch this modem's eUICC now: online, not switching, and no
@@ -353,6 +350,7 @@ class NotificationCourier:
                 self._inflight[key] = self._spawn(self._batch(session, batch))
 
     async def _batch(self, session: ModemSession, items: list[PendingNotification]) -> None:
+        link = self._working_link()
         outcomes = await deliver(items, self.sink_for, schedule=self.schedule, now=self._clock())
         sent = [o for o in outcomes if o.sent]
         if sent:
@@ -369,7 +367,7 @@ class NotificationCourier:
             self._pending[session.id] = [
                 n for n in self._pending.get(session.id, []) if n.seq_number not in removed
             ]
-        self._report(session, outcomes)
+        self._report(session, outcomes, link[0] if link else None)
 
     async def process_now(
         self, session: ModemSession, seq: int | None
@@ -385,7 +383,7 @@ class NotificationCourier:
 
         async with asyncio.timeout(EUICC_TIMEOUT_S):
             items = cast("list[PendingNotification]", await session.with_lpa(retrieve))
-        outcomes = await deliver(items, self.sink_for)
+        outcomes = await deliver(items, lambda a: self._es9_client(a, require_link=False))
         sent = [o for o in outcomes if o.sent]
         if sent:
 
@@ -398,11 +396,14 @@ class NotificationCourier:
             if o.address:
                 self.schedule.accepted(o.address)
                 self.schedule.accepted((o.address, o.seq_number))
-        self._report(session, outcomes)
+        link = self._working_link()
+        self._report(session, outcomes, link[0] if link else None)
         self.kick(session.id)  # recount for status
         return outcomes
 
-    def _report(self, session: ModemSession, outcomes: Sequence[NotificationOutcome]) -> None:
+    def _report(
+        self, session: ModemSession, outcomes: Sequence[NotificationOutcome], layer: str | None
+    ) -> None:
         now = self._clock()
         for o in outcomes:
             data: dict[str, Any] = {
@@ -411,6 +412,7 @@ class NotificationCourier:
                 "operation": o.operation,
                 "iccid": o.iccid,
                 "address": o.address,
+                "layer": layer,
             }
             if o.sent:
                 self.sent += 1
@@ -449,19 +451,34 @@ class NotificationCourier:
         if self._schedule_params != (rsp.notification_retry_initial, rsp.notification_retry_max):
             self.schedule = self._new_schedule()
 
-    def _es9_client(self, address: str) -> NotificationSink:
-        """An ES9+ client for address over the host's routes, TLS checked against ci_certs."""
+    def _working_link(self) -> tuple[str, LinkBinding | None] | None:
+        """The working layer and the binding its traffic leaves by (None: host routes): the
+        same rule downloads follow (Provisioner.working_layer); None when there is none."""
+        try:
+            return self.d.provision.working_layer()
+        except NoWorkingLink:
+            return None
+
+    def _es9_client(self, address: str, *, require_link: bool = True) -> NotificationSink:
+        """An ES9+ client for address that leaves by the working layer's link (the bound
+        connection downloads use), TLS checked against ci_certs. Without a working layer:
+        an error, or (by hand, require_link False) the host's routes."""
         rsp = self.d.cfg.rsp
-        key = (tuple(rsp.ci_certs), tuple(rsp.resolve))
-        if key != self._client_key:
-            self._clients.clear()
-            self._client_key = key
-        client = self._clients.get(address)
-        if client is None:
-            client = Es9Client(
-                address,
-                [Path(c) for c in rsp.ci_certs],
-                resolve=[Resolve.parse(r) for r in rsp.resolve],
-            )
-            self._clients[address] = client
-        return client
+        link = self._working_link()
+        if link is None and require_link:
+            raise Es9Error(address, "no working link")
+        connect: Connector | None = None
+        binding = link[1] if link is not None else None
+        if binding is not None:
+            bound = binding
+
+            async def on_link(host: str, port: int) -> socket.socket:
+                return await connect_on_link(host, port, bound, CONNECT_TIMEOUT_S)
+
+            connect = on_link
+        return Es9Client(
+            address,
+            [Path(c) for c in rsp.ci_certs],
+            resolve=[Resolve.parse(r) for r in rsp.resolve],
+            connect=connect,
+        )
