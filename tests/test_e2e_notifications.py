@@ -23,7 +23,7 @@ from agent.euicc.lpa import Lpa
 from agent.euicc.transport import AtApduTransport
 from agent.modem.driver import open_modem
 from hw_fixtures.pki import TestPki
-from hw_fixtures.smdp import SmdpCore, SmdpServer
+from hw_fixtures.smdp import Offer, SmdpCore, SmdpServer
 
 pytestmark = [
     pytest.mark.e2e,
@@ -390,3 +390,28 @@ async def test_the_policys_own_switches_are_delivered(
         return received(smdp) == expected and await on_card(stack) == []
 
     await until(all_delivered)
+
+
+async def test_an_install_notification_left_by_a_download_is_delivered(
+    make_stack: StackFactory, smdp: SmdpServer
+) -> None:
+    stack = await make_stack(retry_initial=1.0, retry_max=2.0)
+    new = "8988247000007777770"
+    smdp.core.offer(Offer(matching_id="TRIP-9", iccid=new, name="Trip"))
+    smdp.core.refuse_notifications = ("8.1", "6.1")  # the download's own try is refused
+    mark = stack.mark()
+    result = await daemon(
+        stack, "profile_download", modem="m1", code=f"LPA:1${smdp.core.address}$TRIP-9"
+    )
+    assert (result["iccid"], result["notification_sent"]) == (new, False)
+    failed = await event(stack, "notification_failed", mark, operation="install")
+    assert failed["iccid"] == new
+    assert [op for _seq, op in await on_card(stack)] == ["install"]
+
+    smdp.core.refuse_notifications = None
+    sent = await event(stack, "notification_sent", mark, operation="install")
+    assert (sent["iccid"], sent["removed"]) == (new, True)
+    installs = [n for n in smdp.core.notifications if n.get("kind") == "install"]
+    assert [(n["success"], n["verified"]) for n in installs] == [(True, True)]
+    assert smdp.core.offers["TRIP-9"].state == "installed"
+    assert await on_card(stack) == []
