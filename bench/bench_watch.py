@@ -12,7 +12,8 @@ run, three observers start at `t_last`, one after the other:
   user or a script gets;
 - `watch_inproc`: the same snapshot() in this process (no interpreter start), with where its
   time went: connect, subscribe + marker publish, the retained flood until the marker's echo,
-  and of that the Fleet's decoding (`phases_ms_p50`);
+  and of that the Fleet's decoding and the settle (last retained message to the marker's
+  echo) (`phases_ms_p50`);
 - `baseline_raw`: a bare aiomqtt subscriber on `<base>/#` (QoS 0, MQTT 3.1.1 like watch)
   that stops once it holds all 7N retained topics and N states with this run's marker (it
   knows N, so it needs no quiet period and folds nothing).
@@ -155,6 +156,7 @@ async def watch_inproc(broker: MosquittoBroker, n: int, marker: str, t_last: flo
             "subscribe_and_marker": run.subscribe_s,
             "flood_to_marker_echo": run.flood_s,
             "of_which_fleet_ingest": run.ingest_s,
+            "of_which_settle": run.settle_s,
         }
     )
     return elapsed

@@ -339,3 +339,33 @@ async def test_watch_json_uses_the_configs_tls_and_credentials_and_shows_no_forg
     assert code == 1
     assert snap["error"]["code"] == "broker"  # type: ignore[index]
     assert "refused" in snap["error"]["message"]  # type: ignore[index]
+
+
+async def test_watch_json_falls_back_to_a_quiet_gap_when_its_marker_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A stricter ACL than the shipped one: the viewer may read but write nothing, so its marker
+    never comes back; the snapshot still ends (a quiet gap) and says how it ended."""
+    pw = password_file(tmp_path / "passwd", USERS)
+    acl = tmp_path / "acl"
+    acl.write_text(
+        f"user phone\ntopic readwrite {BASE}/phone/#\nuser viewer\ntopic read {BASE}/#\n"
+    )
+    lines = ["allow_anonymous false", f"password_file {pw}", f"acl_file {acl}"]
+    b = ConfiguredMosquitto(tmp_path, lines)
+    with b:
+        async with client(b, "phone") as phone:
+            for topic, payload in device_tree("phone").items():
+                await phone.publish(topic, payload, qos=1, retain=True)
+        url = f"mqtt://viewer:{USERS['viewer']}@{b.host}:{b.port}"
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "agent", "watch", "--json", "--broker", url,
+             "--quiet-period", "0.5"],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    snap = json.loads(proc.stdout)
+    assert (snap["complete"], snap["settled"]) == (True, "quiet")
+    (phone_view,) = snap["devices"]
+    assert (phone_view["device_id"], phone_view["connectivity"]) == ("phone", True)

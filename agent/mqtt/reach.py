@@ -3,6 +3,7 @@ check with those credentials and that TLS (used by `esim-agent check`)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -50,10 +51,12 @@ def observer_client(
     role: str,
     timeout: float,
     protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
+    queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
 ) -> aiomqtt.Client:
     """A client with the daemon's credentials and TLS but a fresh id `esim-agent-<role>-<hex>`.
 
     Never the daemon's own id: taking over its session would cut a running daemon off the broker.
+    `queue_type` is aiomqtt's incoming message queue class (default asyncio.Queue).
     """
     tls = None
     if settings.tls or settings.tls_ca or settings.tls_cert or settings.tls_insecure:
@@ -74,6 +77,7 @@ def observer_client(
         keepalive=settings.keepalive,
         tls_params=tls,
         tls_insecure=settings.tls_insecure if tls is not None else None,
+        queue_type=queue_type,
     )
 
 

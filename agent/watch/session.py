@@ -54,6 +54,8 @@ class SnapshotRun:
     flood_s: float = 0.0
     #: Of flood_s, the time spent folding messages into the Fleet.
     ingest_s: float = 0.0
+    #: Of flood_s, from the last retained message to knowing it was the last (marker or quiet).
+    settle_s: float = 0.0
     messages: int = 0
 
     @property
@@ -100,28 +102,25 @@ async def snapshot(
     nonce = secrets.token_hex(8)
     marker, marker_payload = sync_topic(settings, nonce), nonce.encode()
     last = [loop.time()]
+    echoed = asyncio.Event()
+    ingest, clock = fleet.ingest, time.perf_counter
 
-    async def consume(client: aiomqtt.Client) -> None:
-        # One plain `async for`: a per-message wait_for would cost a task per retained message.
-        ingest = fleet.ingest
-        clock = time.perf_counter
-        async for message in client.messages:
-            topic = message.topic.value
-            if topic == marker:
-                if message.payload == marker_payload:
-                    return
-                continue
-            t0 = clock()
-            ingest(topic, _payload(message))
-            run.ingest_s += clock() - t0
-            run.messages += 1
-            last[0] = loop.time()
-        raise aiomqtt.MqttError("the message stream ended")
+    def on_message(message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        if topic == marker:
+            if message.payload == marker_payload:
+                echoed.set()
+            return
+        t0 = clock()
+        ingest(topic, _payload(message))
+        run.ingest_s += clock() - t0
+        run.messages += 1
+        last[0] = loop.time()
 
     t0 = time.perf_counter()
     try:
         async with observer_client(
-            settings, "watch", min(timeout, CONNECT_TIMEOUT_S), PROTOCOL
+            settings, "watch", min(timeout, CONNECT_TIMEOUT_S), PROTOCOL, _folding(on_message)
         ) as client:
             t1 = time.perf_counter()
             run.connect_s = t1 - t0
@@ -130,13 +129,15 @@ async def snapshot(
             t2 = time.perf_counter()
             run.subscribe_s = t2 - t1
             last[0] = loop.time()
-            consumer = asyncio.create_task(consume(client))
+            # Nothing is ever queued, so this only waits: it raises when the broker goes away.
+            lost = asyncio.create_task(_until_lost(client))
             try:
-                run.settled = await _settle(consumer, client, last, quiet, deadline)
+                run.settled = await _settle(lost, echoed, last, quiet, deadline)
             finally:
-                consumer.cancel()
-                await asyncio.gather(consumer, return_exceptions=True)
+                lost.cancel()
+                await asyncio.gather(lost, return_exceptions=True)
             run.flood_s = time.perf_counter() - t2
+            run.settle_s = max(0.0, loop.time() - last[0])
     except aiomqtt.MqttCodeError as exc:
         raise BrokerUnreachable(f"{where} refused the connection: {exc}") from None
     except aiomqtt.MqttError as exc:
@@ -151,32 +152,59 @@ async def snapshot(
         subscribe_s=round(run.subscribe_s, 3),
         flood_s=round(run.flood_s, 3),
         ingest_s=round(run.ingest_s, 3),
+        settle_s=round(run.settle_s, 3),
     )
     return run
 
 
+def _folding(
+    on_message: Callable[[aiomqtt.Message], None],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """An aiomqtt incoming queue (its `queue_type`) that hands each message to `on_message` as
+    aiomqtt puts it in, instead of storing it: a retained flood then costs no task and no wait
+    per message (about a quarter of the reading time for 7,000 messages)."""
+
+    class Folding(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            on_message(item)
+
+    return Folding
+
+
+async def _until_lost(client: aiomqtt.Client) -> None:
+    async for _ in client.messages:
+        pass  # never reached: the folding queue keeps nothing
+    raise aiomqtt.MqttError("the message stream ended")
+
+
 async def _settle(
-    consumer: asyncio.Task[None],
-    client: aiomqtt.Client,
+    lost: asyncio.Task[None],
+    echoed: asyncio.Event,
     last: list[float],
     quiet: float,
     deadline: float,
 ) -> Settled:
-    """Wait for the marker's echo (the consumer returns), else a quiet gap, else the deadline."""
+    """Wait for the marker's echo, else a quiet gap, else the deadline; raise if the broker
+    went away."""
     loop = asyncio.get_running_loop()
-    while True:
-        if consumer.done():
-            consumer.result()  # the broker went away: raise its error
-            return "marker"
-        now = loop.time()
-        # A starved process wakes with its timer and unread messages together: only an empty
-        # queue after the quiet period means nothing more is coming.
-        if now - last[0] >= quiet and not len(client.messages):
-            return "quiet"
-        if now >= deadline:
-            return "timeout"
-        wait_s = max(0.0, min(last[0] + quiet, deadline) - now)
-        await asyncio.wait({consumer}, timeout=wait_s)
+    echo = asyncio.create_task(echoed.wait())
+    try:
+        while True:
+            if lost.done():
+                lost.result()  # the broker went away: raise its error
+            if echoed.is_set():
+                return "marker"
+            now = loop.time()
+            # Messages are folded in the socket's reader callbacks, which a starved process runs
+            # before the timer that wakes us: a quiet gap measured here is real.
+            if now - last[0] >= quiet:
+                return "quiet"
+            if now >= deadline:
+                return "timeout"
+            wait_s = max(0.0, min(last[0] + quiet, deadline) - now)
+            await asyncio.wait({lost, echo}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        echo.cancel()
 
 
 async def follow(
