@@ -116,6 +116,11 @@ async def card(stack: DemoStack, modem: str = "m1") -> tuple[list[str], list[str
 
 
 async def cli(*args: str, env_dir: Path) -> tuple[int, dict[str, Any], str]:
+    status, out, err = await cli_text(*args, env_dir=env_dir)
+    return status, json.loads(out or "{}"), err
+
+
+async def cli_text(*args: str, env_dir: Path) -> tuple[int, str, str]:
     code = "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -128,7 +133,7 @@ async def cli(*args: str, env_dir: Path) -> tuple[int, dict[str, Any], str]:
     )
     out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
     assert proc.returncode is not None
-    return proc.returncode, json.loads(out or b"{}"), err.decode()
+    return proc.returncode, out.decode(), err.decode()
 
 
 class Caller:
@@ -411,6 +416,8 @@ async def test_store_and_forward_downloads_the_missing_emergency_profile(
         "--json",
         env_dir=tmp_path,
     )
+    _, text, _ = await cli_text("status", "--socket", stack.socket, env_dir=tmp_path)
+    assert f"{EMERGENCY} (missing: download failed" in text
     downloads = next(i for i in report["items"] if i["id"] == "downloads")
     assert downloads["status"] == "fail"
     assert "missing" in downloads["detail"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import config_to_dict, load_config
+from agent.daemon.liveness import DOWNLOAD_STALL_S, session_bound
 from agent.daemon.provision import ProgressThrottle, layer_code
 from agent.errors import ConfigError
 from agent.euicc.activation import masked, parse_activation_code
@@ -181,3 +182,9 @@ async def test_es9_leaves_through_the_bound_interface(test_pki: TestPki, smdp: S
         )
     assert "cannot connect" in str(failed.value)
     assert smdp.core.calls == ["cancelSession"], "nothing arrived through another interface"
+
+
+def test_a_download_gives_its_modem_loop_the_time_a_package_load_takes() -> None:
+    # The download holds the modem's lock: its polls wait, the watchdog must not call it stuck.
+    assert session_bound(2.0, False, 60.0) < 120.0
+    assert session_bound(2.0, False, 60.0, downloading=True) > DOWNLOAD_STALL_S

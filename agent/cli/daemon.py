@@ -166,6 +166,14 @@ def _group_status(group: dict[str, Any] | None) -> None:
     sys.stdout.write(line + "\n")
 
 
+def _profile_cell(layer: dict[str, Any]) -> str:
+    """The layer's profile, marked when it is not on the eUICC (yet): store and forward."""
+    state = layer.get("profile_state")
+    if state in ("missing", "downloading"):
+        return f"{layer['profile']} ({state}: {layer.get('profile_reason') or '?'})"
+    return str(layer["profile"])
+
+
 def _status(args: argparse.Namespace) -> int:
     st = _control(args, "status")
     if args.json:
@@ -181,7 +189,7 @@ def _status(args: argparse.Namespace) -> int:
                 x["name"],
                 x["role"],
                 x["modem"],
-                x["profile"],
+                _profile_cell(x),
                 x["health"],
                 x["reason"],
                 "*" if x["active"] else "",

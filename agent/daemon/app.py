@@ -361,7 +361,12 @@ class Daemon:
                 (
                     s.id,
                     s.last_tick,
-                    session_bound(s.cfg.poll_interval, s.switching, self.cfg.timers.switch_timeout),
+                    session_bound(
+                        s.cfg.poll_interval,
+                        s.switching,
+                        self.cfg.timers.switch_timeout,
+                        self.provision.downloading(s.id),
+                    ),
                 )
                 for s in self.sessions.values()
             ),

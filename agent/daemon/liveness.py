@@ -9,11 +9,18 @@ POLICY_STALL_S = 30.0
 #: Beyond a modem's own poll interval (or a switch's timeout) before its loop counts as stuck:
 #: room for a reconnect backoff (30 s at most) and a slow AT exchange.
 SESSION_STALL_MARGIN_S = 90.0
+#: A profile download holds the modem's lock (its polls wait) while a bound profile package
+#: loads: over AT that can take minutes (agent/euicc/download.py, BPP_SEGMENT_TIMEOUT_S).
+DOWNLOAD_STALL_S = 1200.0
 
 
-def session_bound(poll_interval: float, switching: bool, switch_timeout: float) -> float:
+def session_bound(
+    poll_interval: float, switching: bool, switch_timeout: float, downloading: bool = False
+) -> float:
     """How long a modem's run loop may go without a tick."""
     base = max(poll_interval, switch_timeout if switching else 0.0)
+    if downloading:
+        base = max(base, DOWNLOAD_STALL_S)
     return base + SESSION_STALL_MARGIN_S
 
 

@@ -230,6 +230,10 @@ class Provisioner:
                 )
                 running.task.cancel()
 
+    def downloading(self, modem: str) -> bool:
+        """Whether a download runs on the modem now (it holds the modem's lock meanwhile)."""
+        return modem in self._running
+
     # ---- one download --------------------------------------------------------------------
 
     async def download(
