@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent.config import config_to_toml, parse_config
-from agent.daemon.control import control_call
+from agent.daemon.control import ControlError, control_call
 from agent.demo.mosquitto import MosquittoBroker
 from agent.demo.stack import DEMO_ICCIDS, DEMO_SCENARIO, mosquitto_available
 from hw_fixtures.netns_testing import inside
@@ -135,3 +135,31 @@ async def test_es9_leaves_through_the_active_layers_interface(
     assert (second["iccid"], second["layer"]) == (SECOND, "failover")
     assert set(peers) == {stack.address("m1")}
     assert core.offers["NET-2"].state == "installed"
+
+
+async def test_a_cut_link_cancels_and_the_smdp_hears_of_it_on_the_next_link(
+    net_download: tuple[NetStack, SmdpCore, list[str]],
+) -> None:
+    stack, core, peers = net_download
+    await stack.until_status(lambda s: carried_by("primary")(s) and settled(s))
+    # The package is slow to come: the card holds its session when the primary's upstream dies.
+    core.delays["getBoundProfilePackage"] = 45.0
+    called = core.called.setdefault("getBoundProfilePackage", asyncio.Event())
+    pending = asyncio.create_task(download(stack, "NET-1", core.address))
+    async with asyncio.timeout(STEP_S):
+        await called.wait()
+    await stack.emu_control("link", modem="m0", state="down")
+    with pytest.raises(ControlError) as lost:
+        await pending
+    message = lost.value.message
+    assert message.startswith("link_lost: "), message
+    # The SM-DP+ sits behind the dead link: the card's session is closed now, the SM-DP+'s
+    # once a working link (the failover) is there, with the card's signed answer.
+    assert "cancelled on the eUICC" in message
+    profiles = await control_call(stack.socket, "profile_list", {"modem": "m1"}, timeout=STEP_S)
+    assert isinstance(profiles, dict)
+    assert FIRST not in [p["iccid"] for p in profiles["profiles"]]
+    await stack.until_status(lambda s: carried_by("failover")(s) and bool(core.cancelled))
+    assert len(core.cancelled) == 1
+    assert stack.address("m1") in peers
+    assert core.offers["NET-1"].state != "installed"

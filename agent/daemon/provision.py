@@ -39,7 +39,7 @@ from agent.euicc.download import (
     Phase,
     tac_from_imei,
 )
-from agent.euicc.es9 import CONNECT_TIMEOUT_S, Connector, Es9Client, Resolve
+from agent.euicc.es9 import CONNECT_TIMEOUT_S, Connector, Es9Client, Es9Refused, Resolve
 from agent.euicc.lpa import Lpa
 from agent.health.probes import LinkBinding, connect_on_link
 from agent.policy.engine import Phase as PolicyPhase
@@ -168,6 +168,15 @@ class _Forward:
     spent: bool = False
 
 
+@dataclass(frozen=True)
+class _UnsentCancel:
+    """A session the card cancelled but the SM-DP+ was not told of (the link was gone)."""
+
+    smdp_address: str
+    transaction_id: str
+    signed: bytes
+
+
 class Provisioner:
     """One per daemon: downloads on request (`download`) and store and forward (`run`)."""
 
@@ -176,6 +185,8 @@ class Provisioner:
         self._running: dict[str, _Running] = {}
         self._wake = asyncio.Event()
         self._forward: dict[str, _Forward] = {}
+        #: Sent on the next working link (with the store-and-forward retries).
+        self._cancels: list[_UnsentCancel] = []
 
     # ---- the working link ----------------------------------------------------------------
 
@@ -343,6 +354,15 @@ class Provisioner:
 
         task = asyncio.create_task(under_lock(), name=f"download-{session.id}")
         running.task = task
+
+        def keep_unsent_cancel(_: object) -> None:
+            if downloader is not None and downloader.unsent_cancel is not None:
+                tid, signed = downloader.unsent_cancel
+                log.warning("download_cancel_unsent", smdp=es9.smdp_address, transaction_id=tid)
+                self._cancels.append(_UnsentCancel(es9.smdp_address, tid, signed))
+                self._wake.set()
+
+        task.add_done_callback(keep_unsent_cancel)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -355,11 +375,13 @@ class Provisioner:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(task, return_exceptions=True)
             cancelled = downloader is not None and downloader.session_cancelled
-            raise LinkLost(
-                f"download cancelled: {running.stopped}"
-                + ("; session cancelled on the eUICC and the SM-DP+" if cancelled else ""),
-                cancelled,
-            ) from None
+            unsent = downloader is not None and downloader.unsent_cancel is not None
+            told = ""
+            if cancelled:
+                told = "; session cancelled on the eUICC and the SM-DP+"
+            elif unsent:
+                told = "; session cancelled on the eUICC, the SM-DP+ is told on the next link"
+            raise LinkLost(f"download cancelled: {running.stopped}{told}", cancelled) from None
 
     def _installed(
         self, session: ModemSession, result: DownloadResult, layer: str
@@ -394,6 +416,9 @@ class Provisioner:
         return session
 
     def _es9(self, code: ActivationCode, binding: LinkBinding | None) -> Es9Client:
+        return self._es9_for(code.smdp_address, binding)
+
+    def _es9_for(self, smdp_address: str, binding: LinkBinding | None) -> Es9Client:
         rsp = self.d.cfg.rsp
         if not rsp.ci_certs:
             raise ConfigError("rsp.ci_certs", None, "no CI root certificate configured")
@@ -406,7 +431,7 @@ class Provisioner:
 
             connect = on_link
         return Es9Client(
-            code.smdp_address,
+            smdp_address,
             [Path(c) for c in rsp.ci_certs],
             resolve=[Resolve.parse(r) for r in rsp.resolve],
             connect=connect,
@@ -476,26 +501,55 @@ class Provisioner:
 
     async def run(self) -> None:
         """Store and forward (a supervised task): download every layer's missing profile on
-        the first working link; failures wait on the one Backoff, never a hot loop."""
+        the first working link, and tell SM-DP+s of sessions a lost link left open; failures
+        wait on the one Backoff, never a hot loop."""
         backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S)
         while True:
             self._wake.clear()
-            due = [x for x in self.d.cfg.layers if self._wanted(x)]
             try:
                 self.working_layer()
             except NoWorkingLink:
-                due = []
-            if not due:
                 await self._wake.wait()
                 continue
+            due = [x for x in self.d.cfg.layers if self._wanted(x)]
+            if not due and not self._cancels:
+                await self._wake.wait()
+                continue
+            cancels_sent = await self._send_cancels()
             failed = [x for x in due if not await self._forward_one(x)]
-            if not failed:
+            if cancels_sent and not failed:
                 backoff.reset()
                 continue
             delay = backoff.next()
             for x in failed:
                 self._forward[x.name].next_try_at = time.monotonic() + delay
             await asyncio.sleep(delay)
+
+    async def _send_cancels(self) -> bool:
+        """cancelSession for every session a lost link left open on an SM-DP+; False when one
+        could not be sent (it is kept for the next try)."""
+        ok = True
+        for pending in list(self._cancels):
+            try:
+                _, binding = self.working_layer()
+                es9 = self._es9_for(pending.smdp_address, binding)
+                await es9.cancel_session(pending.transaction_id, pending.signed)
+            except NoWorkingLink:
+                return False
+            except Es9Refused as exc:
+                log.info("download_cancel_refused", smdp=pending.smdp_address, error=str(exc))
+            except (AgentError, TimeoutError) as exc:
+                log.warning("download_cancel_retry", smdp=pending.smdp_address, error=str(exc))
+                ok = False
+                continue
+            else:
+                log.info(
+                    "download_cancel_sent",
+                    smdp=pending.smdp_address,
+                    transaction_id=pending.transaction_id,
+                )
+            self._cancels.remove(pending)
+        return ok
 
     async def _forward_one(self, layer: LayerConfig) -> bool:
         """One store-and-forward download; False when it failed and should be retried."""

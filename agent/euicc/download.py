@@ -23,7 +23,7 @@ from agent.errors import AgentError, ApduError, Es10Error, ParseError
 from agent.euicc import es10, es10b, tlv
 from agent.euicc.activation import ActivationCode
 from agent.euicc.apdu import store_data
-from agent.euicc.es9 import Es9Error, unb64
+from agent.euicc.es9 import Es9Error, Es9Refused, unb64
 from agent.euicc.es10b import CancelSessionReason
 from agent.euicc.iccid import decode_iccid
 from agent.euicc.lpa import Lpa
@@ -174,6 +174,9 @@ class Downloader:
         self._card_session = False  # the eUICC holds a session that CancelSession must end
         #: Set on a failure: whether CancelSession closed the session on the card and SM-DP+.
         self.session_cancelled = False
+        #: (transactionId, the card's signed CancelSessionResponse) when the card's session was
+        #: cancelled but the SM-DP+ could not be told (its link was gone): send it later.
+        self.unsent_cancel: tuple[str, bytes] | None = None
 
     async def run(self) -> DownloadResult:
         """Download and install; raises DownloadError (sessions cancelled) or Es9Error/Es10Error."""
@@ -336,7 +339,13 @@ class Downloader:
         async def both() -> None:
             raw = await self.lpa.call(es10b.cancel_session_request(bytes.fromhex(tid), reason))
             signed = es10b.check_cancel_session(raw)
-            await self.es9.cancel_session(tid, signed)
+            self.unsent_cancel = (tid, signed)
+            try:
+                await self.es9.cancel_session(tid, signed)
+            except Es9Refused:
+                self.unsent_cancel = None  # it was heard: a refusal is not worth a retry
+                raise
+            self.unsent_cancel = None
 
         # Shielded: a download cancelled because its link dropped must still close the sessions.
         task = asyncio.ensure_future(asyncio.wait_for(both(), CANCEL_TIMEOUT_S))
