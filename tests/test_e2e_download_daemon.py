@@ -444,3 +444,28 @@ async def test_store_and_forward_downloads_the_missing_emergency_profile(
     assert 2 <= smdp.core.calls.count("initiateAuthentication") <= 4
     assert offer.state == "installed"
     assert "EMERG-7" not in stack.daemon_log.read_text(errors="replace")
+
+
+async def test_download_and_enable(make_stack: StackFactory, smdp: SmdpServer) -> None:
+    def m1_without_layers(cfg: dict[str, Any]) -> None:
+        cfg["layers"] = [x for x in cfg["layers"] if x["modem"] != "m1"]
+
+    stack = await make_stack(tune=m1_without_layers)
+    result = await daemon(stack, "profile_download", code=code_for(smdp), modem="m1", enable=True)
+    assert (result["iccid"], result["enable_outcome"], result["state"]) == (
+        NEW,
+        "switched",
+        "enabled",
+    )
+    profiles = await daemon(stack, "profile_list", modem="m1")
+    assert {p["iccid"]: p["state"] for p in profiles["profiles"]}[NEW] == "enabled"
+
+
+async def test_enable_is_refused_when_it_would_disable_a_layers_profile(
+    make_stack: StackFactory, smdp: SmdpServer
+) -> None:
+    stack = await make_stack()
+    with pytest.raises(ControlError) as refused:
+        await daemon(stack, "profile_download", code=code_for(smdp), modem="m1", enable=True)
+    assert refused.value.message.startswith("not_allowed: ")
+    assert smdp.core.calls == []

@@ -441,6 +441,19 @@ class DaemonCommands:
         except ActivationCodeError as exc:
             raise CommandRejected("invalid_payload", f"activation code: {exc}") from None
         session = self.session(args.modem)
+        if args.enable:
+            # Enabling the new profile disables the running one: not one a layer owns.
+            owners = [
+                x.name
+                for x in self.d.cfg.layers
+                if x.modem == session.id and x.profile == session.enabled_iccid
+            ]
+            if owners:
+                raise CommandRejected(
+                    "not_allowed",
+                    f"enable after download would disable {session.enabled_iccid} of layer "
+                    f"{', '.join(owners)} on {session.id}, which the failover policy owns",
+                )
         ctx = _mqtt_request.get()
         sink = progress_sink()
         events = self.d.provision.progress_events(session.id, ctx.request_id if ctx else None)
