@@ -205,8 +205,10 @@ class Provisioner:
             raise NoWorkingLink(f"no working link: the active layer {active} is {state} ({reason})")
         binding = self._binding(active)
         if binding is not None and binding.bound:
-            status = d.link_status(active)
-            if not status.get("addresses"):
+            sibling = any(x.name == active and x.is_sibling for x in d.cfg.layers)
+            # Our own modem's link needs its data connection's address; a sibling's interface
+            # (Wi-Fi, tether) is the host's to address.
+            if not sibling and not d.link_status(active).get("addresses"):
                 raise NoWorkingLink(
                     f"no working link: {active}'s interface {binding.interface} has no address "
                     "(no route for ES9+)"
