@@ -14,7 +14,10 @@ profile disabled and its data path refusing connections):
 - baseline in the same run, `to_last_will`: until an independent MQTT subscriber receives the
   phone's Last Will (`availability = offline`): the part no agent can shorten;
 - `watch_transition_ms`: the watch daemon's own record of the switch (detected -> verified,
-  monotonic clock), its share.
+  monotonic clock), its share;
+- second baseline, interleaved run by run: a plain local failover on a third device ("solo"):
+  its primary modem's link dies (t0) -> TCP through its failover modem, whose radio is off
+  while inactive (`radio_down_when_inactive`): detection by its own probes instead of a Will.
 
 Then the phone is restarted and the run ends once the watch has put its profile back to sleep.
 """
@@ -58,6 +61,8 @@ STEP_TIMEOUT_S = 60.0
 POLL_S = 0.01
 PHONE = iccid_for(0, 1)
 WATCH = iccid_for(1, 1)
+SOLO_A = iccid_for(2, 1)
+SOLO_B = iccid_for(2, 2)
 
 
 def specs() -> list[DeviceSpec]:
@@ -71,6 +76,18 @@ def specs() -> list[DeviceSpec]:
             "watch",
             (ModemSpec("m0", (Profile(WATCH),)),),
             [sibling_layer("phone-link", "phone", "primary"), own_layer("own", WATCH, "failover")],
+        ),
+        # The baseline: a plain local failover, primary modem -> a dormant (radio off) one.
+        DeviceSpec(
+            "solo",
+            (
+                ModemSpec("m0", (Profile(SOLO_A, enabled=True),)),
+                ModemSpec("m1", (Profile(SOLO_B, enabled=True),)),
+            ),
+            [
+                own_layer("primary", SOLO_A, "primary"),
+                {**own_layer("failover", SOLO_B, modem="m1"), "radio_down_when_inactive": True},
+            ],
         ),
     ]
 
@@ -122,6 +139,49 @@ async def at_rest(lab: GroupLab, since: int, port: int) -> None:
     await until_true(asleep)
 
 
+async def solo_at_rest(lab: GroupLab, since: int, port: int) -> None:
+    """The solo device on its primary, its failover modem's radio off (nothing answers)."""
+    await lab.state(
+        "solo",
+        lambda s: s["active_layer"] == "primary" and s["connectivity"],
+        STEP_TIMEOUT_S,
+        since,
+    )
+
+    async def silent() -> bool:
+        return not await answers(port)
+
+    await until_true(silent)
+
+
+async def local_run(lab: GroupLab, port: int, rng: random.Random) -> dict[str, Any]:
+    """Baseline: the solo device's primary data path dies -> traffic on its failover modem."""
+    assert lab.watcher is not None
+    await asyncio.sleep(rng.uniform(0.0, 1.0))
+    mark = lab.mark()
+    t0 = time.monotonic()
+    await lab.cut_data("solo", "m0")
+    traffic_at = await until_true(lambda: answers(port))
+    event = await lab.watcher.wait_json(
+        f"{BASE}/solo/events",
+        lambda e: (
+            e.get("type") == "transition"
+            and e["data"].get("to_layer") == "failover"
+            and e["data"].get("outcome") not in (None, "pending")
+        ),
+        STEP_TIMEOUT_S,
+        mark,
+    )
+    restore = lab.mark()
+    await lab.heal_data("solo", "m0")
+    await solo_at_rest(lab, restore, port)
+    return {
+        "to_traffic_ms": round((traffic_at - t0) * 1000, 1),
+        "transition_ms": event["data"].get("timings_ms", {}).get("total"),
+        "outcome": event["data"]["outcome"],
+    }
+
+
 async def one_run(lab: GroupLab, port: int, rng: random.Random) -> dict[str, Any]:
     assert lab.watcher is not None
     # Dephase from the daemons' probe and poll rounds.
@@ -162,8 +222,19 @@ async def measure(runs: int, workdir: Path) -> dict[str, Any]:
     try:
         await lab.start()
         port = int(lab["watch"].modem_info()["tcp_port"])
+        solo_port = int(lab["solo"].modem_info("m1")["tcp_port"])
         await at_rest(lab, 0, port)
-        rows = [await one_run(lab, port, rng) for _ in range(runs)]
+        # The failover modem's radio goes down when the layer is left, not at start: one
+        # unmeasured failover and failback first.
+        await lab.state("solo", lambda s: s["active_layer"] == "primary", STEP_TIMEOUT_S)
+        await local_run(lab, solo_port, rng)
+        rows: list[dict[str, Any]] = []
+        local: list[dict[str, Any]] = []
+        for _ in range(runs):
+            # Interleaved, so both see the same load on this shared machine.
+            rows.append(await one_run(lab, port, rng))
+            local.append(await local_run(lab, solo_port, rng))
+        local_ok = [r for r in local if r["outcome"] == "switched"]
         ok = [r for r in rows if r["outcome"] == "switched" and r["own_profile_enabled"]]
         agent = [float(r["watch_transition_ms"]) for r in ok if r["watch_transition_ms"]]
         return {
@@ -177,7 +248,17 @@ async def measure(runs: int, workdir: Path) -> dict[str, Any]:
             "to_traffic": summary_ms([r["to_traffic_ms"] for r in ok]),
             "baseline_to_last_will": summary_ms([r["to_last_will_ms"] for r in ok]),
             "watch_transition": summary_ms(agent),
+            "baseline_local_failover": {
+                "what": "solo device: primary modem's link down (t0) -> TCP through its "
+                "failover modem (radio off while inactive)",
+                "switched_runs": len(local_ok),
+                "to_traffic": summary_ms([r["to_traffic_ms"] for r in local_ok]),
+                "transition": summary_ms(
+                    [float(r["transition_ms"]) for r in local_ok if r["transition_ms"]]
+                ),
+            },
             "runs_detail": rows,
+            "local_runs_detail": local,
             "python": platform.python_version(),
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
@@ -195,6 +276,7 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         "to_traffic_p50_ms": result["to_traffic"].get("p50_ms"),
         "to_traffic_p95_ms": result["to_traffic"].get("p95_ms"),
         "last_will_p50_ms": result["baseline_to_last_will"].get("p50_ms"),
+        "local_failover_p50_ms": result["baseline_local_failover"]["to_traffic"].get("p50_ms"),
     }
 
 

@@ -521,6 +521,15 @@ def section_companion(r: Result) -> list[str]:
             "baseline: SIGKILL -> Last Will received", r.get("baseline_to_last_will"), *LATENCY_KEYS
         ),
         row("the watch's transition (its own clock)", r.get("watch_transition"), *LATENCY_KEYS),
+        row(
+            "baseline: plain local failover -> traffic on the failover modem",
+            _get(r, "baseline_local_failover", "to_traffic"),
+            *LATENCY_KEYS,
+        ),
+        "",
+        "The local failover baseline, interleaved run by run: a third device's primary modem",
+        "loses its link and its own probes (0.5 s rounds, two strikes) must notice before it wakes",
+        "its failover modem (radio off while inactive); the companion is told by the broker at once.",
     ]
 
 

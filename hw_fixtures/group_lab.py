@@ -328,7 +328,7 @@ class LabDevice:
         except OSError:
             return ""
         keep = [x for x in text if '"level": "debug"' not in x and "probe_result" not in x]
-        return "\n".join(keep[-lines:])
+        return "\n".join(x[:600] for x in keep[-lines:])
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
