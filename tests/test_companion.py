@@ -121,6 +121,20 @@ def test_companion_story_last_will_own_profile_then_sleep_again() -> None:
     assert s.active == "phone-hotspot"
 
 
+def test_a_failed_switch_to_our_own_profile_puts_it_back_to_sleep() -> None:
+    # The safe switch leaves the new profile enabled when there was none to roll back to (the
+    # companion's data path died too). Were it left on, the phone coming back would find our
+    # own profile still enabled beside it (found end to end, tests/test_e2e_siblings.py).
+    s = initial_state(watch_config(), now=0.0)
+    s, _ = finish(*transition(s, LayerHealth(layer="phone-hotspot", health=Health.UP, now=1)), 1)
+    s, acts = transition(s, LayerHealth(layer="phone-hotspot", health=Health.DOWN, now=50))
+    assert [a.layer for a in acts if isinstance(a, ActivateLayer)] == ["own"]
+    s, acts = transition(s, SwitchDone(layer="own", ok=False, now=51, reason="verify failed"))
+    assert SleepLayer(layer="own", modem="m0", profile="89000000000000000029") in acts
+    assert s.active == "phone-hotspot"
+    assert s.target is None
+
+
 def test_group_emergency_waits_for_the_group() -> None:
     s = initial_state(tablet_config(), now=0.0)
     s, acts = transition(s, Tick(now=1.0))

@@ -308,7 +308,7 @@ class Actuator:
         session = d.sessions.get(layer.modem)
         if session is None or not session.online:
             return
-        if d.policy is not None and d.policy.active == name:
+        if d.policy is not None and name in (d.policy.active, d.policy.target):
             return  # the policy chose it again meanwhile
         if layer.radio_down_when_inactive:
             log.info("layer_sleeping", layer=name, how="radio_off")

@@ -672,6 +672,12 @@ def _switch_done(state: PolicyState, ev: SwitchDone, now: float) -> Result:
             prev_spec is None or prev_spec.modem != target.modem
         ):
             actions.append(RadioDown(modem=target.modem))
+        if target.companion and prev != target.name:
+            # The safe switch leaves the new profile enabled rather than none (nothing to roll
+            # back to): asleep again, or it stays on once the sibling carries us again.
+            actions.append(
+                SleepLayer(layer=target.name, modem=target.modem, profile=target.profile)
+            )
         if record is not None:
             actions.append(EmitEvent(event=_finished(record, "failed", ev)))
         if state.pinned == target.name:
