@@ -563,10 +563,16 @@ class ProfileMonitor:
             self._changed.notify_all()
 
     async def wait(self, predicate: Callable[[Snapshot], bool], timeout: float = 60.0) -> Snapshot:
-        """Wait until a sample satisfies predicate; returns it."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self.current))
-            return self.current
+        """Wait until a sample satisfies predicate; returns it. TimeoutError names what the
+        emulators held last."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: predicate(self.current))
+                return self.current
+        except TimeoutError:
+            raise TimeoutError(
+                f"not within {timeout:g} s; enabled: {_show(self.current)}"
+            ) from None
 
     def assert_clean(self) -> None:
         """Raise AssertionError listing every violation seen so far."""
