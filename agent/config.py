@@ -267,7 +267,48 @@ class PoolConfig(_Section):
     name: str
     members: list[str]
     quota_bytes: int | str
+    #: The other devices sharing the pool (this one may be listed too).
     devices: list[str] = msgspec.field(default_factory=list)
+    #: Per-device limits inside the pool (device_id -> bytes or "5 GB"); each device alerts on
+    #: its own limit only.
+    device_limits: dict[str, int | str] = msgspec.field(default_factory=dict)
+    #: What this device does when it reaches its own limit: "none", "disable_profile" (the
+    #: pool's profile it runs) or "switch_layer:<layer>" (pin that layer).
+    on_limit: str = "none"
+    #: The device that publishes the pool's own alerts; None: every device publishes them.
+    manager: str | None = None
+    #: Who takes the manager's duty, in order, when it is offline for manager_takeover seconds;
+    #: empty: the pool's other devices by device_id. Give the same order on every device.
+    successors: list[str] = msgspec.field(default_factory=list)
+    manager_takeover: float = 300.0
+
+    def pool_devices(self, me: str) -> list[str]:
+        """Every device sharing the pool, this one (`me`) included."""
+        return [me, *(d for d in self.devices if d != me)]
+
+    def duty_order(self, me: str) -> list[str]:
+        """Who holds the duty of publishing the pool's alerts, first come first: the manager,
+        then its successors; empty without a manager."""
+        if self.manager is None:
+            return []
+        rest = self.successors or sorted(d for d in self.pool_devices(me) if d != self.manager)
+        return [self.manager, *(d for d in rest if d != self.manager)]
+
+
+#: The actions a device may take when it reaches its limit inside a pool.
+LIMIT_ACTIONS = ("none", "disable_profile", "switch_layer:<layer>")
+
+
+def parse_on_limit(value: str) -> tuple[Literal["none", "disable_profile", "switch_layer"], str]:
+    """("none" | "disable_profile" | "switch_layer", layer or ""); ValueError otherwise."""
+    if value == "none":
+        return "none", ""
+    if value == "disable_profile":
+        return "disable_profile", ""
+    kind, sep, layer = value.partition(":")
+    if kind == "switch_layer" and sep and layer:
+        return "switch_layer", layer
+    raise ValueError(f"must be one of {', '.join(LIMIT_ACTIONS)}")
 
 
 class UsageConfig(_Section):
@@ -642,8 +683,57 @@ def _validate(cfg: Config, base_dir: Path) -> None:
         for j, iccid in enumerate(pool.members):
             _check(_is_iccid(iccid), f"{key}.members[{j}]", f"must be an ICCID ({ICCID_RULE})")
         _size(pool.quota_bytes, f"{key}.quota_bytes")
+        _validate_pool_duty(cfg, pool, key)
     if cfg.control.socket is not None:
         _check(os.path.isabs(cfg.control.socket), "control.socket", "must be an absolute path")
+
+
+def _validate_pool_duty(cfg: Config, pool: PoolConfig, key: str) -> None:
+    """Per-device limits, the limit action and the plan manager of one pool."""
+    _check(
+        bool(_ID_RE.match(pool.name)),
+        f"{key}.name",
+        "must be 1-64 letters, digits, '_', '.', '-' (it is used in MQTT topics)",
+    )
+    for j, device in enumerate(pool.devices):
+        _check(bool(_ID_RE.match(device)), f"{key}.devices[{j}]", "must be a device_id")
+    members = pool.pool_devices(cfg.device_id)
+    _check(len(set(members)) == len(members), f"{key}.devices", "duplicate device")
+    for device, limit in pool.device_limits.items():
+        dkey = f"{key}.device_limits.{device}"
+        _check(device in members, dkey, f"{device!r} is not this device nor listed in devices")
+        _size(limit, dkey)
+    try:
+        kind, layer = parse_on_limit(pool.on_limit)
+    except ValueError as exc:
+        raise _Invalid(f"{key}.on_limit", str(exc)) from None
+    if kind != "none":
+        _check(
+            cfg.device_id in pool.device_limits,
+            f"{key}.on_limit",
+            f"needs a device_limits entry for this device ({cfg.device_id!r})",
+        )
+    if kind == "switch_layer":
+        _check(
+            any(x.name == layer for x in cfg.layers),
+            f"{key}.on_limit",
+            f"no layer named {layer!r}",
+        )
+    if pool.manager is None:
+        _check(not pool.successors, f"{key}.successors", "successors need a manager")
+        return
+    _check(
+        pool.manager in members,
+        f"{key}.manager",
+        f"{pool.manager!r} is not this device nor listed in devices",
+    )
+    for j, device in enumerate(pool.successors):
+        _check(device in members, f"{key}.successors[{j}]", f"{device!r} is not in the pool")
+        _check(device != pool.manager, f"{key}.successors[{j}]", "the manager is first already")
+    _check(
+        len(set(pool.successors)) == len(pool.successors), f"{key}.successors", "duplicate device"
+    )
+    _check(pool.manager_takeover > 0, f"{key}.manager_takeover", "must be > 0 seconds")
 
 
 def _validate_sibling_layer(cfg: Config, layer: LayerConfig, key: str) -> None:

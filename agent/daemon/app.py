@@ -226,7 +226,7 @@ class Daemon:
         log.info("daemon_starting", device_id=cfg.device_id, modems=len(cfg.modems))
         # The socket first: a second daemon on it must stop before it touches any port.
         self.control = await self._open_control(cfg.control_socket)
-        self.metering = await Metering.open(cfg, self.publisher, self.actuator.spawn)
+        self.metering = await self._open_metering(cfg)
         self.finder = await start_finder(cfg.discovery)
         # Before the probes are built (they bind to their layer's link); sweeps what a killed
         # run left in the kernel. Never opens netlink when no modem has an interface.
@@ -249,6 +249,7 @@ class Daemon:
             self._publish_layers()
             self._publish_device()
         self.supervisor.start("hooks", self.hooks.run)
+        self.supervisor.start("pool-duty", self._pool_duty)
         for session in self.sessions.values():
             self.supervisor.start(f"modem-{session.id}", session.run)
         # Each modem's first attempt, not its success: an absent modem fails at once and
@@ -462,10 +463,9 @@ class Daemon:
     def _new_bridge(self, cfg: Config) -> MqttBridge:
         bridge = MqttBridge(self._mqtt_settings(cfg), cfg.device_id, self.commands.mqtt)
         self.siblings.attach(bridge)
-        for pool in cfg.usage.pools:
-            if pool.devices:
-                # Siblings publish their share of the pool; ours goes out after each poll.
-                bridge.watch(f"{cfg.mqtt.base_topic}/+/usage/pool/{pool.name}", self._on_sibling)
+        # Siblings' shares of pools (ours go out after each poll), and the plan manager's duty.
+        for topic_filter in Metering.topic_filters(cfg):
+            bridge.watch(topic_filter, self._on_sibling)
         return bridge
 
     def _gate(self, modem: str, profile: str) -> Callable[[], bool]:
@@ -532,7 +532,7 @@ class Daemon:
             if diff.control_changed:
                 built.control = await self._open_control(new.control_socket)
             if diff.state_dir_changed:
-                built.metering = await Metering.open(new, self.publisher, self.actuator.spawn)
+                built.metering = await self._open_metering(new)
             for modem_id in diff.modems_new:
                 built.sessions[modem_id] = self._new_session(new, modem_id)
             for layer in new.layers:
@@ -565,6 +565,8 @@ class Daemon:
                 await old_metering.close()
         elif self.metering is not None:
             self.metering.reconfigure(new)
+        await self.supervisor.stop_task("pool-duty")
+        self.supervisor.start("pool-duty", self._pool_duty)
         if built.control is not None:
             old_control, self.control = self.control, built.control
             if old_control is not None:
@@ -645,7 +647,20 @@ class Daemon:
 
     def _on_sibling(self, topic: str, payload: bytes) -> None:
         if self.metering is not None:
-            self.metering.on_sibling_pool(topic, payload)
+            self.metering.on_message(topic, payload)
+
+    async def _open_metering(self, cfg: Config) -> Metering:
+        return await Metering.open(
+            cfg,
+            self.publisher,
+            self.actuator.spawn,
+            commands=self.commands.call,
+            connected=lambda: self.bridge is not None and self.bridge.connected,
+        )
+
+    async def _pool_duty(self) -> None:
+        if self.metering is not None:
+            await self.metering.run()
 
     # ---- health → policy -----------------------------------------------------------------
 

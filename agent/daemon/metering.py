@@ -10,8 +10,10 @@ from typing import Any
 import msgspec
 import structlog
 
-from agent.config import Config
+from agent.config import Config, PoolConfig
 from agent.daemon.evidence import interface_of
+from agent.daemon.planmanager import PlanManager, duty_filters
+from agent.daemon.poolaction import CommandRunner, carry_out
 from agent.daemon.publish import StatePublisher
 from agent.daemon.session import ModemSession
 from agent.daemon.usage import UsageTracker
@@ -27,21 +29,46 @@ Spawn = Callable[[str, Coroutine[Any, Any, Any]], None]
 
 class Metering:
     """Owns the usage tracker of one state_dir; the daemon hands it counters and sibling
-    shares. Build it with `await Metering.open(...)`."""
+    shares. Build it with `await Metering.open(...)`; run `run()` as a task (the pools' plan
+    manager duty) and deliver every message on `topic_filters(cfg)` to `on_message`."""
 
     def __init__(
-        self, cfg: Config, publisher: StatePublisher, spawn: Spawn, tracker: UsageTracker
+        self,
+        cfg: Config,
+        publisher: StatePublisher,
+        spawn: Spawn,
+        tracker: UsageTracker,
+        *,
+        commands: CommandRunner | None = None,
+        connected: Callable[[], bool] = lambda: False,
     ) -> None:
         self.cfg = cfg
         self.state_dir = Path(cfg.state_dir)
         self._publisher = publisher
         self._spawn = spawn
+        self._commands = commands
+        self._connected = connected
         self.tracker = tracker
+        self.plan = PlanManager(cfg, tracker, publisher, connected)
+        #: (pool, period) whose limit action this run has carried out.
+        self._acted: set[tuple[str, str]] = set()
 
     @classmethod
-    async def open(cls, cfg: Config, publisher: StatePublisher, spawn: Spawn) -> Metering:
+    async def open(
+        cls,
+        cfg: Config,
+        publisher: StatePublisher,
+        spawn: Spawn,
+        *,
+        commands: CommandRunner | None = None,
+        connected: Callable[[], bool] = lambda: False,
+    ) -> Metering:
         """Open the usage file; never raises for a file that fails (usage is then counted in
-        memory and the failure published once as a `usage_store_failed` event)."""
+        memory and the failure published once as a `usage_store_failed` event).
+
+        commands: the daemon's command table (`CommandTable.call`) for pool limit actions;
+        connected: whether the MQTT bridge is connected now (the plan manager's duty).
+        """
 
         def on_problem(detail: dict[str, Any]) -> None:
             publisher.event("usage_store_failed", detail)
@@ -59,14 +86,35 @@ class Metering:
             period_start_day=cfg.usage.period_start_day,
             on_problem=on_problem,
         )
-        metering = cls(cfg, publisher, spawn, tracker)
-        tracker.apply_config(cfg.usage)
+        metering = cls(cfg, publisher, spawn, tracker, commands=commands, connected=connected)
+        tracker.apply_config(cfg.usage, cfg.device_id)
         return metering
+
+    @staticmethod
+    def topic_filters(cfg: Config) -> list[str]:
+        """Every topic the pools need from other devices: their shares, and for pools with a
+        manager the duty order's availability and the records of announced alerts."""
+        base = cfg.mqtt.base_topic
+        out = [f"{base}/+/usage/pool/{p.name}" for p in cfg.usage.pools if p.devices]
+        return out + duty_filters(cfg)
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config on the same state_dir: new quotas, thresholds and pools."""
         self.cfg = cfg
-        self.tracker.apply_config(cfg.usage)
+        self.tracker.apply_config(cfg.usage, cfg.device_id)
+        self.plan.reconfigure(cfg)
+
+    async def run(self) -> None:
+        """The plan manager's duty for pools that name a manager (returns at once otherwise)."""
+        if self.plan.pools:
+            await self.plan.run()
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """A message on one of topic_filters(cfg)."""
+        if topic.endswith(("/alerts", "/availability")):
+            self.plan.on_message(topic, payload)
+        else:
+            self.on_sibling_pool(topic, payload)
 
     async def close(self) -> None:
         """Flush and close the usage file."""
@@ -118,11 +166,30 @@ class Metering:
         for pool in self.cfg.usage.pools:
             if iccid is None or iccid in pool.members:
                 try:
-                    self._publisher.state(
-                        f"usage/pool/{pool.name}", self.tracker.pool_snapshot(pool.name)
-                    )
+                    snap = self.tracker.pool_snapshot(pool.name)
                 except (KeyError, ValueError) as exc:
                     log.warning("usage_pool_publish_failed", pool=pool.name, error=str(exc))
+                    continue
+                self._publisher.state(f"usage/pool/{pool.name}", snap)
+                self._check_limit(pool, snap)
+        self.plan.poke()
+
+    def _check_limit(self, pool: PoolConfig, snap: dict[str, Any]) -> None:
+        """Carry out the pool's on_limit once per period and run when this device is over its
+        own limit (also right after a start: a restart's recovery may have undone it)."""
+        limit = self.tracker.device_limit(pool.name)
+        if limit is None or pool.on_limit == "none" or self._commands is None:
+            return
+        key = (pool.name, str(snap["period"]))
+        if int(snap["local_bytes"]) < limit or key in self._acted:
+            return
+        self._acted.add(key)
+        self._spawn(f"pool-limit-{pool.name}", self._act(pool))
+
+    async def _act(self, pool: PoolConfig) -> None:
+        assert self._commands is not None
+        data = await carry_out(pool, self.cfg.device_id, self._commands)
+        self._publisher.event("pool_limit_action", data)
 
     def on_sibling_pool(self, topic: str, payload: bytes) -> None:
         """Another device's retained share of a pool we are in."""
@@ -146,6 +213,13 @@ class Metering:
         self.publish_pools()
 
     def _on_quota_alert(self, alert: QuotaAlert) -> None:
+        name = alert.subject.removeprefix("pool:")
+        pool = next((p for p in self.cfg.usage.pools if p.name == name), None)
+        if alert.subject.startswith("pool:") and pool is not None and pool.manager:
+            # Whoever holds the plan manager's duty announces it (planmanager.py), once.
+            log.info("pool_alert_left_to_duty", pool=name, threshold=alert.threshold)
+            self.plan.poke()
+            return
         data = msgspec.to_builtins(alert)
         log.warning("quota_alert", **data)
         self._publisher.event("quota_alert", data)

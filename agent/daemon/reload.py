@@ -52,7 +52,8 @@ def _monitor_key(cfg: Config, name: str) -> object:
 
 
 def _mqtt_key(cfg: Config) -> object:
-    pools = [(p.name, p.devices) for p in cfg.usage.pools]
+    # The pools' subscriptions: shares from `devices`, availability of the duty order.
+    pools = [(p.name, p.devices, p.manager, p.successors) for p in cfg.usage.pools]
     return (cfg.mqtt, cfg.device_id, pools)
 
 

@@ -31,6 +31,7 @@ from agent.errors import AgentError
 from agent.modem.counters import Counters
 from agent.net.linkwatch import CounterReader, LinkCounters, LinkError
 from agent.usage.persist import StoreUnavailable, UsageFile, read_image
+from agent.usage.plan import limit_thresholds
 from agent.usage.store import LinkMode, QuotaAlert, UsageStore, UsageStoreError, period_of
 
 log = structlog.get_logger(__name__)
@@ -105,6 +106,10 @@ class UsageTracker:
         self._quotas: set[str] = set()
         self._pools: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._remote: dict[str, dict[str, int]] = {}
+        # This device's own limit per pool (bytes), and the thresholds its alerts use.
+        self._device: str | None = None
+        self._limits: dict[str, int] = {}
+        self._limit_thresholds: tuple[int, ...] = ()
         self._pending: set[asyncio.Future[Any]] = set()
         self._slow = False  # a write outlived WRITE_WAIT_S and others queue behind it
         # modem id -> (ICCID, ifindex) of its last interface reading, and the readings
@@ -171,8 +176,9 @@ class UsageTracker:
 
     # --- configuration -------------------------------------------------------------------
 
-    def apply_config(self, cfg: UsageConfig) -> None:
-        """Apply `[usage]`: thresholds, period start day, quotas (sizes parsed) and pools.
+    def apply_config(self, cfg: UsageConfig, device_id: str | None = None) -> None:
+        """Apply `[usage]`: thresholds, period start day, quotas (sizes parsed) and pools, and
+        with `device_id` this device's own limits inside pools (`device_limits`).
 
         Quotas this tracker applied before and the new config drops are removed. ValueError for
         a size parse_size rejects (load_config has already checked them).
@@ -205,6 +211,13 @@ class UsageTracker:
             for p in cfg.pools
         }
         self._remote = {name: self._remote.get(name, {}) for name in self._pools}
+        self._device = device_id
+        self._limits = {
+            p.name: parse_size(p.device_limits[device_id])
+            for p in cfg.pools
+            if device_id is not None and device_id in p.device_limits
+        }
+        self._limit_thresholds = limit_thresholds(thresholds)
         log.info("usage_config_applied", quotas=len(quotas), pools=len(self._pools))
 
     # --- sampling ------------------------------------------------------------------------
@@ -257,10 +270,7 @@ class UsageTracker:
         new_session: bool,
     ) -> list[QuotaAlert]:
         alerts = store.record_counters(iccid, *counters, at, new_session=new_session)
-        for name, (members, _) in self._pools.items():
-            if iccid in members:
-                alerts += store.pool_alerts(name, self._remote.get(name, {}), at)
-        return alerts
+        return alerts + self._pool_alerts_for(store, iccid, at)
 
     async def sample_interface(
         self,
@@ -343,9 +353,19 @@ class UsageTracker:
             at=at,
             mode=mode,
         )
+        return alerts + self._pool_alerts_for(store, iccid, at)
+
+    def _pool_alerts_for(self, store: UsageStore, iccid: str, at: float) -> list[QuotaAlert]:
+        """The pools `iccid` is in: their own thresholds, then this device's limit in each."""
+        alerts: list[QuotaAlert] = []
         for name, (members, _) in self._pools.items():
             if iccid in members:
                 alerts += store.pool_alerts(name, self._remote.get(name, {}), at)
+                limit = self._limits.get(name)
+                if limit is not None and self._device is not None:
+                    alerts += store.device_limit_alerts(
+                        name, self._device, limit, self._limit_thresholds, at
+                    )
         return alerts
 
     async def _crosscheck(
@@ -432,6 +452,33 @@ class UsageTracker:
         await self._persist(op)
         self._deliver(alerts)
         return alerts
+
+    async def record_announcement(
+        self, pool: str, period: str, threshold: int, device: str
+    ) -> bool:
+        """Remember that `device` announced a pool threshold this period (ours or a sibling's
+        retained record); True when it is news. Kept in the ledger, so a restart remembers."""
+        at = self._clock()
+
+        def op(store: UsageStore) -> bool:
+            return store.record_announcement(pool, period, threshold, device, at)
+
+        try:
+            new = op(self.memory)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            log.error("usage_announcement_refused", pool=pool, error=str(exc))
+            return False
+        if new:
+            await self._persist(op)
+        return new
+
+    def announcements(self, pool: str, period: str) -> dict[int, list[str]]:
+        """Pool thresholds announced in a period (by anyone we heard of) → who announced them."""
+        return self.memory.announcements(pool, period)
+
+    def device_limit(self, pool: str) -> int | None:
+        """This device's own limit inside a pool (bytes), if it has one."""
+        return self._limits.get(pool)
 
     def forget_modem(self, modem_id: str) -> None:
         """Drop what the tracker remembers of a modem (removed from the configuration)."""

@@ -100,7 +100,7 @@ class MqttBridge:
         )
         # Latest retained payload per topic: the whole truth we re-publish after every reconnect.
         self._snapshot: dict[str, bytes] = {}
-        self._watches: dict[str, Callable[[str, bytes], None]] = {}
+        self._watches: dict[str, list[Callable[[str, bytes], None]]] = {}
         self._session_up: list[Callable[[], None]] = []
         self._session_down: list[Callable[[], None]] = []
         #: The live session's client, for publish_raw (None between sessions).
@@ -180,8 +180,9 @@ class MqttBridge:
 
     def watch(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> None:
         """Deliver messages on topic_filter (retained ones too) to callback(topic, payload);
-        subscribed on every (re)connect. For state other devices publish, e.g. shared pools."""
-        self._watches[topic_filter] = callback
+        subscribed on every (re)connect. For state other devices publish, e.g. shared pools.
+        Several callbacks may watch the same filter (each gets every message)."""
+        self._watches.setdefault(topic_filter, []).append(callback)
 
     def on_session(self, up: Callable[[], None], down: Callable[[], None]) -> None:
         """Call up() once a session is subscribed to every watch (before any message of it is
@@ -447,12 +448,13 @@ class MqttBridge:
 
     def _deliver_watched(self, topic: aiomqtt.Topic, payload: object) -> None:
         data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-        for topic_filter, callback in self._watches.items():
+        for topic_filter, callbacks in self._watches.items():
             if topic.matches(topic_filter):
-                try:
-                    callback(topic.value, data)
-                except Exception:
-                    log.exception("mqtt_watch_callback_failed", topic=topic.value)
+                for callback in callbacks:
+                    try:
+                        callback(topic.value, data)
+                    except Exception:
+                        log.exception("mqtt_watch_callback_failed", topic=topic.value)
 
     def _context(self, command: str, message: aiomqtt.Message) -> CommandContext:
         """Where to answer: the request's v5 response topic if usable, else the documented fallback."""

@@ -79,6 +79,14 @@ CREATE TABLE IF NOT EXISTS crosscheck (
     modem_bytes INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (iccid, period)
 );
+CREATE TABLE IF NOT EXISTS pool_announcements (
+    pool TEXT NOT NULL,
+    period TEXT NOT NULL,
+    threshold INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (pool, period, threshold, device)
+);
 CREATE TABLE IF NOT EXISTS probe_usage (
     layer TEXT NOT NULL,
     iccid TEXT NOT NULL,
@@ -281,12 +289,19 @@ class UsageStore:
         return int(row[0]) if row else None
 
     def _fire(
-        self, subject: str, period: str, used: int, quota: int | None, at: float
+        self,
+        subject: str,
+        period: str,
+        used: int,
+        quota: int | None,
+        at: float,
+        *,
+        thresholds: Sequence[int] | None = None,
     ) -> list[QuotaAlert]:
         if quota is None:
             return []
         alerts = []
-        for t in crossed(used, quota, self.thresholds):
+        for t in crossed(used, quota, self.thresholds if thresholds is None else thresholds):
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?)", (subject, period, t, at)
             )
@@ -490,6 +505,42 @@ class UsageStore:
             return self._fire(
                 f"pool:{pool}", usage.period, usage.total_bytes, usage.quota_bytes, at
             )
+
+    def device_limit_alerts(
+        self, pool: str, device: str, limit: int, thresholds: Sequence[int], at: float
+    ) -> list[QuotaAlert]:
+        """Alerts for this device's own limit inside a pool (its local members' usage), each
+        threshold once per period; subject `pool:<pool>/<device>`."""
+        _, members, _ = self._pool(pool)
+        period = period_of(at, self.period_start_day)
+        used = sum(self._used(m, period) for m in members)
+        with self._tx():
+            return self._fire(
+                f"pool:{pool}/{device}", period, used, limit, at, thresholds=thresholds
+            )
+
+    def record_announcement(
+        self, pool: str, period: str, threshold: int, device: str, at: float
+    ) -> bool:
+        """Remember that `device` announced a pool threshold this period; True when new."""
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO pool_announcements VALUES (?, ?, ?, ?, ?)",
+                (pool, period, threshold, device, at),
+            )
+            return bool(cur.rowcount)
+
+    def announcements(self, pool: str, period: str) -> dict[int, list[str]]:
+        """Pool thresholds announced in a period → the devices that announced them."""
+        rows = self._db.execute(
+            "SELECT threshold, device FROM pool_announcements WHERE pool = ? AND period = ? "
+            "ORDER BY threshold, at",
+            (pool, period),
+        ).fetchall()
+        out: dict[int, list[str]] = {}
+        for threshold, device in rows:
+            out.setdefault(int(threshold), []).append(str(device))
+        return out
 
     def _pool(self, pool: str) -> tuple[str, list[str], int]:
         row = self._db.execute(
