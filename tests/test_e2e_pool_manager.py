@@ -126,7 +126,9 @@ async def fleet(
                 sys.stderr.write("\n".join(lines[-40:]) + "\n")
 
 
-def event(device: str, kind: str, check: Callable[[dict[str, Any]], bool] = lambda _: True) -> Any:
+def event(
+    device: str, kind: str, check: Callable[[dict[str, Any]], bool] = lambda _: True
+) -> tuple[str, Callable[[Any], bool]]:
     def ok(e: Any) -> bool:
         return isinstance(e, dict) and e.get("type") == kind and check(e.get("data", {}))
 
