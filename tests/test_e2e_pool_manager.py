@@ -196,7 +196,9 @@ async def test_the_manager_announces_and_a_successor_takes_over_without_repeats(
         takeover = await watcher.wait_json(
             *event("watch", "pool_manager_takeover"), timeout=STEP_S, since=mark
         )
-        assert time.monotonic() - died >= TAKEOVER_S * 0.9  # not before the takeover period
+        # Not at once: the watch waited out the takeover period (a lower bound with room for a
+        # loaded machine; the exact timing is in test_pool_plan.py).
+        assert time.monotonic() - died >= TAKEOVER_S - 1.0
         assert takeover["data"]["offline"] == ["phone"]
 
         # A new crossing: the watch announces it once, and none of the phone's.

@@ -21,6 +21,7 @@ def config(tmp_path: Path) -> Config:
     data: dict[str, Any] = {
         "device_id": "watch",
         "state_dir": str(tmp_path),
+        "mqtt": {"enabled": True},
         "usage": {
             "pools": [
                 {
@@ -89,3 +90,9 @@ async def test_hostile_messages_change_nothing_and_records_are_remembered(
     await plan.step()
     assert plan.holders == {"team": "phone"}
     await tracker.close()
+
+
+def test_without_mqtt_nobody_shares_the_duty(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    cfg.mqtt.enabled = False
+    assert duty_filters(cfg) == []

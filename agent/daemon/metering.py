@@ -189,6 +189,8 @@ class Metering:
     async def _act(self, pool: PoolConfig) -> None:
         assert self._commands is not None
         data = await carry_out(pool, self.cfg.device_id, self._commands)
+        if self.cfg.mqtt.redact and "disabled" in data:
+            data["disabled"] = [redact_value(i) for i in data["disabled"]]
         self._publisher.event("pool_limit_action", data)
 
     def on_sibling_pool(self, topic: str, payload: bytes) -> None:
@@ -213,11 +215,9 @@ class Metering:
         self.publish_pools()
 
     def _on_quota_alert(self, alert: QuotaAlert) -> None:
-        name = alert.subject.removeprefix("pool:")
-        pool = next((p for p in self.cfg.usage.pools if p.name == name), None)
-        if alert.subject.startswith("pool:") and pool is not None and pool.manager:
+        if alert.subject.startswith("pool:") and alert.subject[5:] in self.plan.pools:
             # Whoever holds the plan manager's duty announces it (planmanager.py), once.
-            log.info("pool_alert_left_to_duty", pool=name, threshold=alert.threshold)
+            log.info("pool_alert_left_to_duty", pool=alert.subject[5:], threshold=alert.threshold)
             self.plan.poke()
             return
         data = msgspec.to_builtins(alert)

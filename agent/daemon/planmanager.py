@@ -37,7 +37,7 @@ def duty_filters(cfg: Config) -> list[str]:
     """What the duty subscribes to: the duty orders' availability and every managed pool's
     records (`<base>/+/usage/pool/<pool>/alerts`)."""
     base, me = cfg.mqtt.base_topic, cfg.device_id
-    pools = [p for p in cfg.usage.pools if p.manager]
+    pools = [p for p in cfg.usage.pools if p.manager and cfg.mqtt.enabled]
     devices = sorted({d for p in pools for d in p.duty_order(me) if d != me})
     return [f"{base}/{d}/availability" for d in devices] + [
         record_topic(base, "+", p.name) for p in pools
@@ -73,7 +73,10 @@ class PlanManager:
         self.cfg = cfg
         self.me = cfg.device_id
         self.base = cfg.mqtt.base_topic
-        self.pools: dict[str, PoolConfig] = {p.name: p for p in cfg.usage.pools if p.manager}
+        # Without MQTT there is nobody to share the duty with: the pool alerts stay local.
+        self.pools: dict[str, PoolConfig] = {
+            p.name: p for p in cfg.usage.pools if p.manager and cfg.mqtt.enabled
+        }
         others = {d for p in self.pools.values() for d in p.duty_order(self.me) if d != self.me}
         # The group name only matters for claim topics, which the duty never reads.
         group = cfg.group.name if cfg.group is not None else "pools"

@@ -51,7 +51,9 @@ async def carry_out(pool: PoolConfig, device: str, run: CommandRunner) -> dict[s
             lost = [str(x.get("name")) for x in layers if x.get("profile") in disabled]
             out["outcome"] = "done" if targets else "nothing_to_do"
             out["detail"] = (
-                f"disabled {', '.join(disabled)}" if targets else "no pool profile is enabled"
+                f"disabled the pool's profile on {', '.join(m for m, _ in targets)}"
+                if targets
+                else "no pool profile is enabled"
             )
             out["disabled"] = disabled
             out["working_layers"] = _working(layers, excluded=lost)
