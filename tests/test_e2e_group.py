@@ -305,7 +305,12 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
     await until(tablet_awake, "the tablet's group emergency profile awake and connected")
     # The tablet comes first in the group's wake order: the laptop stands by.
     assert await laptop.enabled() == []
-    assert (await laptop.status())["group"]["claim"]["phase"] == "asleep"
+    claim = (await laptop.status())["group"]["claim"]
+    assert (claim["phase"], claim["claimed_by"], claim["order"]) == (
+        "asleep",
+        ["tablet"],
+        ["tablet", "laptop"],
+    )
     woken = group.emergency_transitions(mark)
     assert [(t["device"], t["outcome"]) for t in woken if t["outcome"] != "pending"] == [
         ("tablet", "switched")

@@ -176,10 +176,14 @@ class SiblingSide:
         claim: dict[str, object] | None = None
         if self.claim is not None:
             st: ClaimState = self.claim.state
+            now = time.monotonic()
+            live = sorted(d for d, c in st.claims.items() if now - c.received_at < c.ttl)
             claim = {
                 "group": self.claim.config.group,
                 "phase": st.phase.value,
                 "order": list(self.claim.config.order),
+                # Other holders whose claim is live right now (ours shows in `phase`).
+                "claimed_by": live,
             }
         return {"broker_connected": self.broker_connected, "siblings": siblings, "claim": claim}
 
