@@ -123,7 +123,8 @@ async def deliver(
 ) -> list[NotificationOutcome]:
     """Send each notification to its SM-DP+; nothing is removed here (the caller removes the
     sent ones from the eUICC). With a schedule, what is not due at now is skipped; an SM-DP+ that
-    cannot be reached backs off as a whole (its other notifications are not tried in this pass)
+    cannot be reached backs off as a whole (its other notifications are not tried in this pass:
+    their outcomes say "not tried")
     and one that refuses a notification backs off that notification only."""
     tried: list[NotificationOutcome] = []
     batches: dict[str, list[tuple[NotificationOutcome, PendingNotification]]] = {}
@@ -144,9 +145,13 @@ async def deliver(
         address: str, batch: list[tuple[NotificationOutcome, PendingNotification]]
     ) -> None:
         # In order within one SM-DP+; an unreachable one ends its batch (tried next time).
+        unreachable: str | None = None
         for outcome, item in batch:
             seq = outcome.seq_number
             tried.append(outcome)
+            if unreachable is not None:
+                outcome.error = f"not tried: {unreachable}"
+                continue
             try:
                 async with asyncio.timeout(timeout):
                     await sink_for(address).handle_notification(bytes.fromhex(item.raw))
@@ -163,7 +168,7 @@ async def deliver(
                 if schedule is not None:
                     schedule.failed((address, seq) if refused else address, now)
                 if not refused:
-                    return
+                    unreachable = outcome.error
                 continue
             outcome.sent = True
             if schedule is not None:
