@@ -118,6 +118,7 @@ class Metering:
 
     async def close(self) -> None:
         """Flush and close the usage file."""
+        self.plan.cancel()
         await self.tracker.close()
 
     async def sample(

@@ -66,6 +66,7 @@ class PlanManager:
         self.holders: dict[str, str | None] = {}
         self._logged: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.reconfigure(cfg)
 
     def reconfigure(self, cfg: Config) -> None:
@@ -115,6 +116,9 @@ class PlanManager:
 
     def _spawn_remember(self, record: PoolAlertRecord) -> None:
         task = asyncio.get_running_loop().create_task(self._remember(record))
+        # The loop keeps only weak references to tasks: hold it until it is done.
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
 
     async def _remember(self, record: PoolAlertRecord) -> None:
@@ -123,6 +127,11 @@ class PlanManager:
                 record.pool, record.period, threshold, record.device
             )
         self.poke()
+
+    def cancel(self) -> None:
+        """Drop records still being remembered (the ledger is closing)."""
+        for task in list(self._tasks):
+            task.cancel()
 
     def poke(self) -> None:
         """Decide again soon (usage, presence or records changed)."""
