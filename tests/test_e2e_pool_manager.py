@@ -1,4 +1,5 @@
-"""The plan manager's duty, end to end: three real daemons on one real Mosquitto.
+"""The plan manager's duty, end to end: three real daemons on one real Mosquitto, and again
+with the phone on a travel router's Mosquitto bridged to the others' ("Beyond one broker").
 
 "phone" is the pool's manager, "watch" and "tablet" its successors in that order; "van" is a
 fourth device (a plain MQTT client here) whose share pushes the pool over its thresholds. The
@@ -9,13 +10,14 @@ takes the duty back and repeats nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import pytest
 from agent.demo.mosquitto import MosquittoBroker, Watcher
 from agent.demo.stack import mosquitto_available
 from agent.usage.store import period_of
+from tests.mosquitto_lab import ConfiguredMosquitto
 
 pytestmark = [
     pytest.mark.e2e,
@@ -66,17 +69,18 @@ manager_takeover = {TAKEOVER_S}
 
 
 class Fleet:
-    """The three daemons as real processes."""
+    """The three daemons as real processes, each on its broker (the phone's may be bridged to
+    the others')."""
 
-    def __init__(self, broker: MosquittoBroker, workdir: Path) -> None:
-        self.broker = broker
+    def __init__(self, brokers: dict[str, MosquittoBroker], workdir: Path) -> None:
+        self.brokers = brokers
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, device: str) -> None:
         (self.workdir / device).mkdir(parents=True, exist_ok=True)
         path = self.workdir / device / "agent.toml"
-        path.write_text(config_text(device, self.broker.port, self.workdir))
+        path.write_text(config_text(device, self.brokers[device].port, self.workdir))
         with (self.workdir / device / "daemon.log").open("ab") as log:
             self.procs[device] = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "--config", str(path)],
@@ -103,17 +107,51 @@ class Fleet:
         self.procs.clear()
 
 
-@pytest.fixture
-def broker() -> Iterator[MosquittoBroker]:
-    with MosquittoBroker() as b:
-        yield b
+def bridge_to(home: MosquittoBroker) -> list[str]:
+    """A travel router's bridge home, as docs/bridge.md has it (loopback, no TLS here)."""
+    return [
+        "connection home",
+        f"address {home.host}:{home.port}",
+        "bridge_protocol_version mqttv50",
+        "try_private true",
+        "cleansession false",
+        "notifications true",
+        "notification_topic bridges/van/state",
+        "restart_timeout 1 2",
+        f"topic {BASE}/# both 1",
+    ]
+
+
+@pytest.fixture(params=["one broker", "bridged"])
+async def brokers(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[dict[str, MosquittoBroker]]:
+    """Which broker each device talks to; "van" is the phone's (and the van client's)."""
+    home = ConfiguredMosquitto(tmp_path / "home", ["allow_anonymous true"])
+    started = [home]
+    try:
+        home.workdir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(home.start)
+        van = home
+        if request.param == "bridged":
+            van = ConfiguredMosquitto(tmp_path / "van", ["allow_anonymous true", *bridge_to(home)])
+            van.workdir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(van.start)
+            started.append(van)
+            # The bridge is up before anything is published (else it waits in its queue).
+            async with Watcher(home, "bridges/#") as w:
+                await w.wait_for("bridges/van/state", lambda p: p == b"1", STEP_S)
+        yield {"phone": van, "van": van, "watch": home, "tablet": home}
+    finally:
+        for broker in started:
+            await asyncio.to_thread(broker.close)
 
 
 @pytest.fixture
 async def fleet(
-    broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest
+    brokers: dict[str, MosquittoBroker], tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Fleet]:
-    f = Fleet(broker, tmp_path)
+    f = Fleet(brokers, tmp_path)
     yield f
     f.stop_all()
     report = getattr(request.node, "rep_call", None)
@@ -156,11 +194,13 @@ async def van_uses(client: aiomqtt.Client, used: int) -> None:
 
 
 async def test_the_manager_announces_and_a_successor_takes_over_without_repeats(
-    broker: MosquittoBroker, fleet: Fleet
+    brokers: dict[str, MosquittoBroker], fleet: Fleet
 ) -> None:
+    # Watched from the watch's broker: across the bridge, the phone's side arrives from afar.
+    home, there = brokers["watch"], brokers["van"]
     async with (
-        Watcher(broker, f"{BASE}/#") as watcher,
-        aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as van,
+        Watcher(home, f"{BASE}/#") as watcher,
+        aiomqtt.Client(there.host, there.port, protocol=aiomqtt.ProtocolVersion.V5) as van,
     ):
         for device in DEVICES:
             fleet.start(device)
