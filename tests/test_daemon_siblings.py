@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 from agent.config import parse_config
-from agent.daemon.reload import restart_needed
+from agent.daemon.reload import plan, restart_needed
 from agent.daemon.siblings import SiblingSide
 from agent.policy.engine import (
     ActivateLayer,
@@ -47,6 +47,12 @@ def test_sighup_refuses_group_changes_and_takes_others() -> None:
     same = copy.deepcopy(TABLET)
     same["policy"] = {"down_after": 2}
     assert restart_needed(old, parse_config(same)) is None
+    # New health thresholds rebuild our own layers' monitors, never the sibling side's.
+    health = copy.deepcopy(TABLET)
+    health["health"] = {"down_after": 5}
+    assert restart_needed(old, parse_config(health)) is None
+    diff = plan(old, parse_config(health))
+    assert (diff.layers_removed, diff.layers_new) == ({"sos"}, {"sos"})
     group = copy.deepcopy(TABLET)
     group["group"]["claim_ttl"] = 90.0
     assert restart_needed(old, parse_config(group)) == "a change to [group] needs a restart"

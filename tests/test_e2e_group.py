@@ -273,6 +273,23 @@ async def test_phone_watch_tablet_story(group: Group) -> None:
     assert "broker: connected" in shown
     assert "group family emergency claim: asleep" in await asyncio.to_thread(status_text, tablet)
 
+    # SIGHUP with a changed [group]: refused with a reason, the old config keeps running.
+    text = watch.config_path.read_text()
+    watch.config_path.write_text(text.replace("claim_ttl = 8.0", "claim_ttl = 9.0"))
+    assert "claim_ttl = 9.0" in watch.config_path.read_text()
+    assert watch.proc is not None
+    watch.proc.send_signal(signal.SIGHUP)
+    log = watch.workdir / "daemon.log"
+
+    async def refused() -> bool:
+        return any(
+            '"config_reload_refused"' in line and "needs a restart" in line
+            for line in log.read_text(errors="replace").splitlines()
+        )
+
+    await until(refused, "the watch refusing a [group] change on SIGHUP")
+    assert (await watch.status())["active_layer"] == "phone-link"
+
     # The phone dies without a goodbye: its Last Will wakes the watch's own profile.
     mark = group.mark()
     await phone.stop(signal.SIGKILL)

@@ -70,7 +70,13 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     changed_layers = {
         name
         for name in old_layers & new_layers
-        if _monitor_key(old, name) != _monitor_key(new, name) or new.layer(name).modem in modems_new
+        # A sibling layer's monitor belongs to the sibling side, built once at start
+        # (restart_needed refuses a change to the layer itself).
+        if not new.layer(name).is_sibling
+        and (
+            _monitor_key(old, name) != _monitor_key(new, name)
+            or new.layer(name).modem in modems_new
+        )
     }
     return ReloadPlan(
         modems_removed=frozenset((old_modems - new_modems) | changed_modems),
