@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -469,3 +471,51 @@ async def test_enable_is_refused_when_it_would_disable_a_layers_profile(
         await daemon(stack, "profile_download", code=code_for(smdp), modem="m1", enable=True)
     assert refused.value.message.startswith("not_allowed: ")
     assert smdp.core.calls == []
+
+
+async def test_cli_progress_bar_through_the_socket(
+    make_stack: StackFactory, smdp: SmdpServer, tmp_path: Path
+) -> None:
+    """On a terminal the `--socket` form draws the daemon's progress lines as a bar."""
+    stack = await make_stack()
+    smdp.core.offers["TRIP-1"].size = 60_000
+    master, slave = pty.openpty()
+    code = "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        "profile",
+        "download",
+        "--socket",
+        stack.socket,
+        "--modem",
+        "m1",
+        "--code",
+        code_for(smdp),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=slave,
+        env={"XDG_RUNTIME_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "100"},
+    )
+    os.close(slave)
+    drawn = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = asyncio.get_running_loop().run_in_executor(None, drain)
+    out, _ = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
+    await asyncio.wait_for(reader, CLI_TIMEOUT_S)
+    os.close(master)
+    assert proc.returncode == 0
+    assert f"{NEW} installed on m1" in out.decode()
+    screen = drawn.decode(errors="replace")
+    assert "install" in screen, screen[-2000:]
+    assert "kB" in screen, "the bar shows the package bytes"
