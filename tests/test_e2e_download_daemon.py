@@ -66,6 +66,7 @@ async def make_stack(
         tune: Callable[[dict[str, Any]], None] | None = None,
         scenario: Path = DEMO_SCENARIO,
         wait_primary: bool = True,
+        iccids: tuple[str, ...] = DEMO_ICCIDS,
     ) -> DemoStack:
         def configure(cfg: dict[str, Any]) -> None:
             assert test_pki.directory is not None
@@ -80,6 +81,7 @@ async def make_stack(
             tmp_path / f"stack{len(stacks)}",
             broker="mosquitto",
             scenario=scenario,
+            iccids=iccids,
             emulator_args=("--pki", str(test_pki.directory)),
             tune=configure,
         )
@@ -519,3 +521,32 @@ async def test_cli_progress_bar_through_the_socket(
     screen = drawn.decode(errors="replace")
     assert "install" in screen, screen[-2000:]
     assert "kB" in screen, "the bar shows the package bytes"
+
+
+def scenario_with_an_empty_card(tmp_path: Path) -> Path:
+    """The demo's m0, and an m1 whose eUICC holds no profile at all (bought without one)."""
+    text = DEMO_SCENARIO.read_text()
+    m1 = text.index('id = "m1"')
+    head, tail = text[:m1], text[m1:]
+    tail = tail.replace('id = "m1"', 'id = "m1"\nprofiles = []', 1)
+    tail = tail[: tail.index("[[modem.profiles]]")]
+    path = tmp_path / "empty-m1.toml"
+    path.write_text(head + tail)
+    return path
+
+
+async def test_store_and_forward_onto_an_empty_card(
+    make_stack: StackFactory, smdp: SmdpServer, tmp_path: Path
+) -> None:
+    def with_code(cfg: dict[str, Any]) -> None:
+        cfg["layers"][1]["activation_code"] = code_for(smdp)
+
+    stack = await make_stack(
+        tune=with_code, scenario=scenario_with_an_empty_card(tmp_path), iccids=(PRIMARY, NEW)
+    )
+    assert (await card(stack))[0] in ([], [NEW])
+    async with asyncio.timeout(STEP_S):
+        while layer(await daemon(stack, "status"), "failover")["profile_state"] != "installed":  # noqa: ASYNC110 - the state lives in another process
+            await asyncio.sleep(0.2)
+    profiles = await daemon(stack, "profile_list", modem="m1")
+    assert [(p["iccid"], p["state"]) for p in profiles["profiles"]] == [(NEW, "disabled")]

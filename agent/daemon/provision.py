@@ -470,8 +470,9 @@ class Provisioner:
             return "downloading", "downloading from its activation code"
         if session is None or not session.online:
             return "unknown", "modem offline"
-        if not session.profiles:
-            return "unknown", "profile list not read"
+        if session.eid is None:
+            # A fresh eUICC lists no profile at all: only an unread one is unknown.
+            return "unknown", "eUICC not read"
         if any(p.iccid == layer.profile for p in session.profiles):
             return "installed", "on the eUICC"
         if not (layer.activation_code or layer.activation_code_file):
@@ -497,7 +498,7 @@ class Provisioner:
         if fwd is not None and fwd.spent:
             return False
         session = self.d.sessions.get(layer.modem)
-        if session is None or not session.online or not session.profiles:
+        if session is None or not session.online or session.eid is None:
             return False
         return not any(p.iccid == layer.profile for p in session.profiles)
 
