@@ -272,6 +272,7 @@ async def test_download_over_mqtt_with_progress_events(
     install = [p for p in progress if p["phase"] == "install"]
     assert len(install) <= 12
     assert await card(stack) == ([ROAM, EMERGENCY, NEW], [])
+    assert "TRIP-1" not in stack.daemon_log.read_text(errors="replace"), "the code was logged"
 
 
 async def test_mqtt_download_is_off_unless_allowed(
