@@ -262,6 +262,13 @@ async def test_download_over_mqtt_with_progress_events(
     assert answer["ok"] is True, answer
     assert answer["request_id"] == "dl-42"
     assert answer["result"]["iccid"] == NEW
+    # Events and the response travel separately: wait for the last event to arrive.
+    await stack.wait_json(
+        "events",
+        lambda e: e.get("type") == "download_progress" and e["data"]["phase"] == "done",
+        STEP_S,
+        mark,
+    )
     progress = events(stack, "download_progress", mark)
     assert progress, "no download_progress event"
     assert {p["request_id"] for p in progress} == {"dl-42"}
