@@ -3,10 +3,13 @@ target verified, whatever the answers, failures and crashes in between."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.euicc.transfer import (
+    Action,
     AskTarget,
     Begin,
     DeleteSource,
@@ -41,11 +44,11 @@ def fresh(deadline: float = 1000.0) -> Transfer:
     )
 
 
-def names(actions: list[object]) -> list[str]:
+def names(actions: Sequence[Action]) -> list[str]:
     return [a.name for a in actions if isinstance(a, Emit)]
 
 
-def effects(actions: list[object]) -> list[object]:
+def effects(actions: Sequence[Action]) -> list[Action]:
     return [a for a in actions if not isinstance(a, Emit)]
 
 
@@ -177,8 +180,14 @@ def test_no_crash_point_or_answer_order_touches_the_source_before_the_target_ver
                 if answer == "failed" and not verified_fed:
                     failed_before_verified = True
         else:
-            what = {DisableSource: "disabled", DeleteSource: "deleted", NotifySource: "notified"}
-            name = what[type(pending[0])]
+            first = pending[0]
+            name = (
+                "disabled"
+                if isinstance(first, DisableSource)
+                else "deleted"
+                if isinstance(first, DeleteSource)
+                else "notified"
+            )
             if data.draw(st.booleans()):
                 event = SourceDone(what=name, now=now, sent=data.draw(st.booleans()))
             else:

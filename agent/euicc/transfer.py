@@ -65,7 +65,7 @@ class Transfer(msgspec.Struct, frozen=True, kw_only=True):
 
     def public(self) -> dict[str, object]:
         """The record without the codes (for answers, events and `status`)."""
-        out = msgspec.to_builtins(self)
+        out: dict[str, object] = msgspec.to_builtins(self)
         out.pop("code", None)
         out.pop("confirmation_code", None)
         return out
