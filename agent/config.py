@@ -30,6 +30,8 @@ COMMAND_NAMES: tuple[str, ...] = (
     "profile_nickname",
     "drill",
     "profile_download",
+    "profile_transfer",
+    "profile_transfer_in",
 )
 
 VendorHint = Literal[
@@ -49,6 +51,8 @@ CommandName = Literal[
     "profile_nickname",
     "drill",
     "profile_download",
+    "profile_transfer",
+    "profile_transfer_in",
 ]
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace.

@@ -49,6 +49,7 @@ from agent.daemon.session import ModemSession
 from agent.daemon.siblings import SiblingSide
 from agent.daemon.supervisor import Supervisor
 from agent.daemon.timeline import Timeline, describe
+from agent.daemon.transfer import TransferService
 from agent.errors import ConfigError
 from agent.euicc.switch import SwitchReport
 from agent.health.detect import Evidence
@@ -162,6 +163,8 @@ class Daemon:
         self.evidence.listeners.append(self._on_evidence)
         #: Pending eUICC notifications to their SM-DP+ (docs/euicc.md).
         self.courier = NotificationCourier(self)
+        #: Profile transfers between devices, both sides; journaled in state_dir.
+        self.transfers = TransferService(self)
         self.commands: CommandTable = DaemonCommands(self).table()
         self._events: asyncio.Queue[PolicyEvent] = asyncio.Queue()
         self._policy_open = False
@@ -267,6 +270,9 @@ class Daemon:
         self.supervisor.start("tick", self._tick_loop)
         self.supervisor.start("notifications", self.courier.run)
         self.supervisor.start("provision", self.provision.run)
+        # After the eUICC recovery and with the policy running: a transfer cut short by a
+        # restart continues from its journaled step.
+        self.transfers.resume()
         if sdnotify.watchdog_interval() is not None:
             self.supervisor.start("watchdog", lambda: sdnotify.run_watchdog(self._alive))
         sdnotify.ready(f"running; {len(self.sessions)} modem(s)")
@@ -335,6 +341,7 @@ class Daemon:
             self.feed(layer.name)
 
     async def _shutdown(self) -> None:
+        await self.transfers.close()
         await self.actuator.stop()
         if self.bridge is not None:
             with contextlib.suppress(Exception):

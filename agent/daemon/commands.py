@@ -19,6 +19,7 @@ import structlog
 
 from agent.daemon.control import UnknownCommand, progress_sink
 from agent.daemon.provision import DownloadBusy, LinkLost, NoWorkingLink, ProgressThrottle
+from agent.daemon.transfer import TransferArgs, TransferInArgs
 from agent.euicc.activation import ActivationCodeError, parse_activation_code
 from agent.euicc.download import Phase
 from agent.euicc.lpa import Lpa
@@ -198,6 +199,18 @@ class DaemonCommands:
                     ProfileDownloadArgs,
                     self.profile_download,
                     "download a profile by activation code",
+                ),
+                Command(
+                    "profile_transfer",
+                    TransferArgs,
+                    self.profile_transfer,
+                    "move a profile to another device (docs/transfer.md)",
+                ),
+                Command(
+                    "profile_transfer_in",
+                    TransferInArgs,
+                    self.profile_transfer_in,
+                    "a sibling's transfer: install, enable, verify",
                 ),
             ]
         )
@@ -475,3 +488,11 @@ class DaemonCommands:
         except (NoWorkingLink, LinkLost, DownloadBusy) as exc:
             raise CommandRejected(exc.code, str(exc).removeprefix("no working link: ")) from None
         return msgspec.to_builtins(installed)
+
+    async def profile_transfer(self, args: TransferArgs) -> object:
+        """Move a profile to another device: the target verifies before the source lets go."""
+        return await self.d.transfers.start(args)
+
+    async def profile_transfer_in(self, args: TransferInArgs) -> object:
+        """The target's side of a transfer."""
+        return await self.d.transfers.receive(args)

@@ -228,6 +228,38 @@ class ProfileDownloadCommand(CommandBase, kw_only=True, forbid_unknown_fields=Tr
     enable: bool = False
 
 
+ActivationCodeText = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+ConfirmationCode = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+TransferId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8,64}$")]
+
+
+class ProfileTransferCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
+    """`cmd/profile_transfer`: move the profile from_iccid to device `to`, which installs the
+    operator's new activation code `code` (docs/transfer.md)."""
+
+    from_iccid: Iccid
+    to: Name
+    code: ActivationCodeText
+    confirmation_code: ConfirmationCode | None = None
+    modem: Name | None = None
+
+    def __post_init__(self) -> None:
+        # The rule allows a trailing F pad; the daemon compares digits.
+        self.from_iccid = parse_iccid(self.from_iccid)
+
+
+class ProfileTransferInCommand(CommandBase, kw_only=True, forbid_unknown_fields=True):
+    """`cmd/profile_transfer_in`: a sibling's transfer: download `code`, enable, verify.
+    Asked again with the same transfer_id it answers for the same work (never downloads twice);
+    it answers `in_progress` after at most wait_s seconds."""
+
+    transfer_id: TransferId
+    code: ActivationCodeText
+    confirmation_code: ConfirmationCode | None = None
+    modem: Name | None = None
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=240)] = 60.0
+
+
 COMMANDS: dict[str, type[CommandBase]] = {
     "status": StatusCommand,
     "switch_layer": SwitchLayerCommand,
@@ -236,6 +268,8 @@ COMMANDS: dict[str, type[CommandBase]] = {
     "profile_nickname": ProfileNicknameCommand,
     "drill": DrillCommand,
     "profile_download": ProfileDownloadCommand,
+    "profile_transfer": ProfileTransferCommand,
+    "profile_transfer_in": ProfileTransferInCommand,
 }
 
 

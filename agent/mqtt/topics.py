@@ -14,6 +14,8 @@ COMMAND_NAMES: tuple[str, ...] = (
     "profile_disable",
     "profile_nickname",
     "drill",
+    "profile_transfer",
+    "profile_transfer_in",
 )
 
 RESPONSE_SUFFIX = "response"
