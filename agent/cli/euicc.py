@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.cli import transfer as transfer_cli
 from agent.cli.args import add_vendor, iccid, positive_seconds
 from agent.cli.output import error, print_json, print_sections, print_table
 from agent.cli.port import describe
@@ -112,6 +113,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             action.required = False
             action.help = "serial port of the modem's AT interface (or give --socket)"
     p.set_defaults(handler=_download)
+    transfer_cli.register(psub)
 
     notes = subparsers.add_parser("notification", help="notifications queued for the SM-DP+")
     nsub = notes.add_subparsers(dest="notification_command", metavar="ACTION", required=True)
