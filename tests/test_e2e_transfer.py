@@ -52,7 +52,7 @@ NEW = "8988247000001234567"  # the operator's new profile for the target
 HOME_S = "8944476500001224158"
 HOME_T = "8944476500001224166"
 TOKEN = "the-group-shares-this-token"
-USERS = {"source": "pw-source", "target": "pw-target", "viewer": "pw-viewer"}
+USERS = {"source": "pw-source", "target": "pw-target", "viewer": "pw-viewer", "home": "pw-home"}
 STEP_S = 90.0
 
 
@@ -212,7 +212,15 @@ def events(watcher: Watcher, device: str, since: int = 0) -> list[dict[str, Any]
 
 
 class Lab:
-    def __init__(self, source: Device, target: Device, smdp: SmdpServer, watcher: Watcher) -> None:
+    def __init__(
+        self,
+        source: Device,
+        target: Device,
+        smdp: SmdpServer,
+        watcher: Watcher,
+        broker: ConfiguredMosquitto,
+    ) -> None:
+        self.broker = broker
         self.source = source
         self.target = target
         self.smdp = smdp
@@ -293,7 +301,7 @@ async def lab(
                 d.start()
             await source.ready("primary")
             await target.ready("primary")
-            yield Lab(source, target, smdp, w)
+            yield Lab(source, target, smdp, w, broker)
             report = getattr(request.node, "rep_call", None)
             if report is not None and report.failed:
                 for d in devices:
@@ -406,3 +414,47 @@ async def test_source_killed_before_the_target_verified_resumes_without_touching
     # Asked again after the restart, the target answered for the same work: one download.
     assert len(lab.smdp.core.device_tacs) == 2, "SRC-1 on the source, MOVE-1 once on the target"
     assert [e["type"] for e in events(lab.watcher, "target")].count("transfer_in_started") == 1
+
+
+async def test_source_killed_before_a_failing_target_answered_rolls_back_after_restart(
+    lab: Lab,
+) -> None:
+    offer = lab.smdp.core.offers["MOVE-1"]
+    offer.confirmation_code = "2468"
+    lab.smdp.core.delays["getBoundProfilePackage"] = 3.0
+    cli = lab.cli("--confirmation-code", "1357")
+    await lab.wait_event("target", "transfer_in_started")
+    await lab.source.stop(signal.SIGKILL)
+    await finish(cli)
+    await lab.wait_event("target", "transfer_in_failed")
+    mark = len(lab.watcher.messages)
+    lab.source.start()
+    failed = await lab.wait_event("source", "transfer_failed", mark)
+    assert failed["data"]["source_untouched"] is True
+    assert "8.2.7" in failed["data"]["error"]
+    (record,) = lab.source.journal()
+    assert record["step"] == "failed"
+    assert (await lab.source.profiles())[OLD] == "enabled"
+    assert lab.source.running_iccid() == OLD
+    assert [n for n in received(lab.smdp) if n[1] == OLD] == []
+
+
+async def test_a_controller_starts_the_transfer_over_mqtt(lab: Lab) -> None:
+    """`cmd/profile_transfer` on the source, from the `home` controller of the shipped ACL."""
+    body = {
+        "token": TOKEN,
+        "request_id": "move-1",
+        "from_iccid": OLD,
+        "to": "target",
+        "code": f"LPA:1${lab.smdp.core.address}$MOVE-1",
+    }
+    answers = "esim-agent/source/cmd/profile_transfer/response"
+    async with Watcher(lab.broker, answers, username="home", password="pw-home") as home:
+        await home.client.publish(
+            "esim-agent/source/cmd/profile_transfer", json.dumps(body).encode(), qos=1
+        )
+        answer = await home.wait_json(answers, lambda a: a.get("request_id") == "move-1", STEP_S)
+    assert answer["ok"] is True, answer
+    assert answer["result"]["step"] == "done"
+    assert lab.target.running_iccid() == NEW
+    assert OLD not in await lab.source.profiles()
