@@ -458,3 +458,18 @@ async def test_a_controller_starts_the_transfer_over_mqtt(lab: Lab) -> None:
     assert answer["result"]["step"] == "done"
     assert lab.target.running_iccid() == NEW
     assert OLD not in await lab.source.profiles()
+
+
+async def test_wrong_requests_are_refused_before_anything_runs(lab: Lab) -> None:
+    async def refused(**body: Any) -> str:
+        args = {"from_iccid": OLD, "to": "target", "code": "LPA:1$smdp.example.com$X", **body}
+        with pytest.raises(Exception) as info:  # noqa: PT011 - ControlError carries the code
+            await lab.source.call("profile_transfer", **args)
+        return str(info.value)
+
+    assert "the target is this device" in await refused(to="source")
+    assert "invalid_payload" in await refused(to="a/b")
+    assert "iccid_not_found" in await refused(from_iccid=NEW)
+    assert "invalid_payload" in await refused(code="not an activation code")
+    assert lab.source.journal() == []
+    assert (await lab.source.profiles())[OLD] == "enabled"

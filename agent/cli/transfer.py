@@ -68,6 +68,9 @@ def _transfer(args: argparse.Namespace) -> int:
     except ControlError as exc:
         error(f"profile transfer: {exc.message}", "daemon")
         return EXIT_RUNTIME
+    if not isinstance(result, dict):
+        error(f"profile transfer: unexpected answer {result!r}", "daemon")
+        return EXIT_RUNTIME
     if args.json:
         print_json(result)
     else:

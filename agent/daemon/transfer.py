@@ -35,6 +35,7 @@ from agent.euicc.transfer import Transfer
 from agent.mqtt.commands import CommandRejected
 from agent.mqtt.reach import settings_from_config
 from agent.mqtt.request import RequestFailed, request
+from agent.mqtt.topics import check_segment
 
 if TYPE_CHECKING:
     from agent.daemon.app import Daemon
@@ -233,6 +234,10 @@ class TransferService:
         iccid = args.from_iccid.rstrip("Ff")
         if args.to == cfg.device_id:
             raise CommandRejected("invalid_payload", "the target is this device")
+        try:
+            check_segment(args.to)
+        except ValueError as exc:
+            raise CommandRejected("invalid_payload", f"to: {exc}") from None
         if not cfg.mqtt.enabled:
             raise CommandRejected("not_configured", "a transfer talks to the target over MQTT")
         if cfg.group is not None and cfg.group.devices and args.to not in cfg.group.devices:
@@ -281,6 +286,14 @@ class TransferService:
 
     async def _drive(self, t: Transfer, event: machine.Event) -> Transfer:
         """Run the machine to its end: journal each record, then carry out its actions."""
+        try:
+            return await self._steps(t, event)
+        except Exception:
+            # A bug: the journal keeps the step reached, and the next start resumes from it.
+            log.exception("transfer_crashed", id=t.id)
+            raise
+
+    async def _steps(self, t: Transfer, event: machine.Event) -> Transfer:
         while True:
             t, actions = machine.transition(t, event)
             self.journal.save(t)
