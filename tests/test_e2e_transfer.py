@@ -127,6 +127,8 @@ class Device:
                 st = await self.call("status")
             except Exception:
                 return False
+            if not st["modems"]:
+                return False  # the socket answers before the sessions exist
             modem = st["modems"][0]
             return bool(modem["online"] and modem["profiles"] and st["active_layer"] == layer)
 
