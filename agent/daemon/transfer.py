@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, cast
 
 import msgspec
 import structlog
@@ -26,10 +26,7 @@ import structlog
 from agent.errors import AgentError
 from agent.euicc import transfer as machine
 from agent.euicc.activation import ActivationCodeError, parse_activation_code
-from agent.euicc.download import DEFAULT_TAC, Downloader, DownloadResult, tac_from_imei
-from agent.euicc.es9 import Es9Client, Resolve
 from agent.euicc.lpa import Lpa
-from agent.euicc.notifications import NotificationSink, process_notifications
 from agent.euicc.switch import SwitchReport
 from agent.euicc.transfer import Transfer
 from agent.mqtt.commands import CommandRejected
@@ -413,64 +410,36 @@ class TransferService:
         await session.with_lpa(op)
 
     async def _notify(self, t: Transfer) -> bool:
-        """Send the old profile's pending notifications now; False leaves them pending on the
-        card (never removed unsent) for the next good link."""
+        """Send the old profile's pending notifications now, through the daemon's courier;
+        True when none is left on the card (sent now, or by the courier on its own before).
+        An unsent one stays (never removed unsent) for the courier's next good link."""
         session = self._session(t)
-        sink_for = self._sink()
-        if sink_for is None:
-            log.info("transfer_notification_pending", id=t.id, reason="no [rsp] ci_certs")
-            return False
 
-        async def op(lpa: Lpa) -> bool:
+        async def mine(lpa: Lpa) -> list[int]:
             pending = await lpa.list_notifications()
-            mine = [n.seq_number for n in pending if n.iccid == t.from_iccid]
-            ok = bool(mine)
-            for seq in mine:
-                outcomes = await process_notifications(lpa, sink_for, seq)
-                ok = ok and all(o.removed for o in outcomes)
-            return ok
+            return [n.seq_number for n in pending if n.iccid == t.from_iccid]
 
         async with asyncio.timeout(NOTIFY_TIMEOUT_S):
-            return bool(await session.with_lpa(op))
-
-    # ---- the SM-DP+ ----------------------------------------------------------------------
-
-    def _es9_trust(self) -> tuple[list[Path], list[Resolve]] | None:
-        rsp = self.d.cfg.rsp
-        if not rsp.ci_certs:
-            return None
-        return [Path(c) for c in rsp.ci_certs], [Resolve.parse(r) for r in rsp.resolve]
-
-    def _sink(self) -> Callable[[str], NotificationSink] | None:
-        """ES9+ clients for notification addresses, trusting [rsp] ci_certs; None without."""
-        trust = self._es9_trust()
-        if trust is None:
-            return None
-        certs, resolve = trust
-        return lambda address: Es9Client(address, certs, resolve=resolve)
+            for seq in cast("list[int]", await session.with_lpa(mine)):
+                try:
+                    await self.d.courier.process_now(session, seq)
+                except AgentError as exc:
+                    log.info("transfer_notification_pending", id=t.id, seq=seq, error=str(exc))
+            return not await session.with_lpa(mine)
 
     async def _download(self, session: ModemSession, text: str, confirmation: str | None) -> str:
-        """Download and install the activation code's profile; its ICCID."""
+        """Download and install the activation code's profile (the daemon's provisioning: over
+        the working layer, cancelled cleanly on both sides when it drops); its ICCID."""
         try:
             code = parse_activation_code(text)
         except ActivationCodeError as exc:
             raise CommandRejected("invalid_payload", str(exc)) from None
-        trust = self._es9_trust()
-        if trust is None:
-            raise CommandRejected("not_configured", "no [rsp] ci_certs to trust an SM-DP+ with")
-        certs, resolve = trust
-        es9 = Es9Client(code.smdp_address, certs, resolve=resolve)
-        imei = session.info.identity.imei if session.info is not None else None
-        tac = tac_from_imei(imei) or DEFAULT_TAC
-
-        async def op(lpa: Lpa) -> DownloadResult:
-            return await Downloader(lpa, es9, code, confirmation_code=confirmation, tac=tac).run()
-
-        result = await session.with_lpa(op)
-        assert isinstance(result, DownloadResult)
-        if result.iccid is None:
+        installed = await self.d.provision.download(
+            code, confirmation_code=confirmation, modem=session.id, enable=False
+        )
+        if installed.iccid is None:
             raise AgentError("the eUICC installed a profile without an ICCID")
-        return result.iccid
+        return installed.iccid
 
     # ---- target --------------------------------------------------------------------------
 
