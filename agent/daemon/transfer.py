@@ -219,10 +219,6 @@ class TransferService:
         if jobs:
             await asyncio.wait(jobs, timeout=10.0)
 
-    def snapshot(self) -> list[dict[str, object]]:
-        """Source records for `status`, without the codes."""
-        return [t.public() for t in self.journal.outgoing()]
-
     # ---- source --------------------------------------------------------------------------
 
     async def start(self, args: TransferArgs) -> object:
