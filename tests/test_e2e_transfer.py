@@ -480,3 +480,26 @@ async def test_wrong_requests_are_refused_before_anything_runs(lab: Lab) -> None
     assert "invalid_payload" in await refused(code="not an activation code")
     assert lab.source.journal() == []
     assert (await lab.source.profiles())[OLD] == "enabled"
+
+
+async def test_target_killed_after_installing_verifies_after_restart_without_a_second_download(
+    lab: Lab,
+) -> None:
+    # A slow re-attach on the target, so the kill lands inside its switch to the new profile.
+    await asyncio.to_thread(lab.target.emulator.control, "set_delays", modem="m0", reattach=3.0)
+    cli = lab.cli()
+    await lab.wait_event("target", "transfer_in_installed")
+    await lab.target.stop(signal.SIGKILL)
+    # The source hears the target's Last Will, keeps asking, and touches nothing meanwhile.
+    assert (await lab.source.profiles())[OLD] == "enabled"
+    mark = len(lab.watcher.messages)
+    lab.target.start()
+    status, result, err = await finish(cli)
+    assert status == 0, err
+    assert result["step"] == "done"
+    assert lab.target.running_iccid() == NEW
+    assert OLD not in await lab.source.profiles()
+    # The restarted target took up its journaled step: verified without downloading again.
+    after = [e["type"] for e in events(lab.watcher, "target", mark)]
+    assert after == ["transfer_in_verified"]
+    assert len(lab.smdp.core.device_tacs) == 2, "SRC-1 on the source, MOVE-1 once on the target"

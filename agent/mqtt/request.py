@@ -4,7 +4,8 @@ The request goes to `<base>/<target>/cmd/<command>` with a Response Topic under 
 `cmd/<command>/response/…` (the only place in another device's tree a daemon answers to, and a
 topic the target may write under the shipped ACL) and Correlation Data to match the answer.
 The connection is made for the one request and closed after it: a daemon's own session is never
-borrowed, and a lost answer is simply asked for again by the caller.
+borrowed, and a lost answer is simply asked for again by the caller. A target whose availability
+says `offline` (retained, or its Last Will while we wait) ends the wait at once.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ async def request(
             async with observer_client(settings, f"req-{sender}", CONNECT_TIMEOUT_S) as client:
                 # Subscribed before the request goes out: the answer can never come first.
                 await client.subscribe(reply_to, qos=QOS)
+                # The target's availability (retained, and its Last Will): a target that is or
+                # goes offline will not answer, so the caller hears of it now, not at the timeout.
+                await client.subscribe(topics.availability, qos=QOS)
                 await client.publish(
                     topics.command(command),
                     msgspec.json.encode(payload),
@@ -72,6 +76,10 @@ async def request(
                     properties=props,
                 )
                 async for message in client.messages:
+                    if message.topic.value == topics.availability:
+                        if message.payload == b"offline":
+                            raise RequestFailed(f"{target} is offline")
+                        continue
                     got = getattr(message.properties, "CorrelationData", None)
                     if got is None or bytes(got) != correlation:
                         continue
