@@ -53,6 +53,8 @@ DATA_PATH_TIMEOUT_S: Final = 60.0
 DATA_PATH_RETRY_S: Final = 1.0
 #: The source's notification step: bounded, whatever the SM-DP+ does.
 NOTIFY_TIMEOUT_S: Final = 120.0
+#: The source's disable (a safe switch away from the old profile) or delete; retried after.
+SOURCE_STEP_TIMEOUT_S: Final = 300.0
 #: Finished transfers kept in the journal (for `status` and after-the-fact questions).
 KEEP_FINISHED: Final = 20
 #: Error codes of the target's intake that no retry can change.
@@ -315,9 +317,11 @@ class TransferService:
         assert machine.may_touch_source(t), t.step
         try:
             if isinstance(effect, machine.DisableSource):
-                await self._disable(t)
+                async with asyncio.timeout(SOURCE_STEP_TIMEOUT_S):
+                    await self._disable(t)
             elif isinstance(effect, machine.DeleteSource):
-                await self._delete(t)
+                async with asyncio.timeout(SOURCE_STEP_TIMEOUT_S):
+                    await self._delete(t)
             else:
                 sent = await self._notify(t)
                 return machine.SourceDone(what=what, now=time.time(), sent=sent)
