@@ -216,8 +216,11 @@ async def run_story(
         async def on_phone() -> bool:
             with contextlib.suppress(OSError, TimeoutError, ControlError):
                 st = await status()
+                # Our own probe may vouch for the link before the phone's retained state
+                # arrives: wait for both.
                 return (
                     st["active_layer"] == "phone-link"
+                    and st["group"]["siblings"][0]["connectivity"] is True
                     and layer(st, "phone-link")["default"]
                     and await enabled() == []
                 )
