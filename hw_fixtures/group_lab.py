@@ -450,11 +450,12 @@ class GroupLab:
         """The device's data path works again."""
         await self.devices[name].emu("link", modem=modem, state="up")
 
-    async def block_broker(self, name: str, *, refuse: bool = False) -> None:
-        """Partition the device from the broker: its connection dropped, new ones blackholed."""
+    async def block_broker(self, name: str, *, refuse: bool = False, silent: bool = False) -> None:
+        """Partition the device from the broker: its connection dropped (or, `silent`, kept
+        open but carrying nothing), new ones blackholed (or refused)."""
         proxy = self.devices[name].proxy
         assert proxy is not None
-        await proxy.cut(refuse=refuse)
+        await proxy.cut(refuse=refuse, silent=silent)
 
     async def unblock_broker(self, name: str) -> None:
         """End the partition."""

@@ -4,14 +4,17 @@ Each device's daemon connects to its own proxy instead of the broker. `cut()` dr
 established connection (both sockets aborted: the device sees its session die, the broker sees
 a connection lost without DISCONNECT and publishes the device's Last Will) and from then on
 new connections are blackholed (accepted and held silently: a connect "succeeds" but CONNACK
-never comes, as behind a dead Wi-Fi link) or, with `refuse=True`, closed at once. `heal()`
-lets new connections through again and closes the held ones so their clients retry.
+never comes, as behind a dead Wi-Fi link) or, with `refuse=True`, closed at once. With
+`silent=True` the established connections stay open and lose every byte instead, so each side
+learns of the partition only from its own keepalive. `heal()` lets new connections through
+again and closes the held (and silenced) ones so their clients retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
@@ -31,6 +34,7 @@ class BrokerProxy:
         self.port = 0
         self.blocked = False
         self.refuse = False
+        self.silent = False
         #: Connections accepted (forwarded or held) since start, for assertions.
         self.accepted = 0
         self._server: asyncio.Server | None = None
@@ -53,9 +57,15 @@ class BrokerProxy:
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 
-    async def cut(self, *, refuse: bool = False) -> None:
-        """Partition: abort every established connection; hold (or refuse) new ones."""
-        self.blocked, self.refuse = True, refuse
+    async def cut(self, *, refuse: bool = False, silent: bool = False) -> None:
+        """Partition: abort every established connection; hold (or refuse) new ones.
+
+        `silent=True` keeps the established connections open but carries no byte either way
+        (a radio link out of range): each side finds out only by its own keepalive."""
+        self.blocked, self.refuse, self.silent = True, refuse, silent
+        if silent:
+            log.info("proxy_cut", proxy=self.name, silenced=len(self._links), refuse=refuse)
+            return
         links, self._links = self._links, set()
         for down, up in links:
             _abort(down)
@@ -63,11 +73,18 @@ class BrokerProxy:
         log.info("proxy_cut", proxy=self.name, dropped=len(links), refuse=refuse)
 
     async def heal(self) -> None:
-        """Forward new connections again; held ones are closed so their clients reconnect."""
+        """Forward new connections again; held ones are closed so their clients reconnect
+        (and so are silenced ones: bytes were lost, their streams cannot go on)."""
         self.blocked = False
         held, self._held = self._held, set()
         for writer in held:
             _abort(writer)
+        if self.silent:
+            links, self._links = self._links, set()
+            for down, up in links:
+                _abort(down)
+                _abort(up)
+            self.silent = False
         log.info("proxy_healed", proxy=self.name, released=len(held))
 
     async def close(self) -> None:
@@ -107,8 +124,8 @@ class BrokerProxy:
         link = (writer, up_writer)
         self._links.add(link)
         pumps = [
-            asyncio.create_task(_pump(reader, up_writer)),
-            asyncio.create_task(_pump(up_reader, writer)),
+            asyncio.create_task(_pump(reader, up_writer, self._silenced)),
+            asyncio.create_task(_pump(up_reader, writer, self._silenced)),
         ]
         try:
             # Either direction ending (EOF, reset, or a cut aborting the sockets) ends both.
@@ -120,6 +137,9 @@ class BrokerProxy:
             self._links.discard(link)
             _abort(up_writer)
             _abort(writer)
+
+    def _silenced(self) -> bool:
+        return self.blocked and self.silent
 
     def _cut_meanwhile(self) -> bool:
         # A method, not the attribute: cut() may have run while we awaited the upstream.
@@ -138,9 +158,13 @@ class BrokerProxy:
             _abort(writer)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, silenced: Callable[[], bool]
+) -> None:
     with contextlib.suppress(ConnectionError, OSError, TimeoutError):
         while data := await reader.read(CHUNK):
+            if silenced():
+                continue  # lost on the way
             writer.write(data)
             await asyncio.wait_for(writer.drain(), CONNECT_TIMEOUT_S)
 

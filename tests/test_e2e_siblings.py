@@ -305,6 +305,37 @@ async def test_a_device_cut_off_from_the_broker_acts_on_its_own_layers_only(
     monitor.assert_clean()
 
 
+async def test_a_silently_partitioned_claimant_sleeps_before_the_next_holder_wakes(
+    make_lab: Callable[..., Any],
+) -> None:
+    # The awake tablet's link to the broker goes silent (nothing arrives either way, no reset):
+    # the broker learns of it by keepalive (Last Will after 1.5 x keepalive), the router after
+    # the claim's ttl, the tablet when a claim refresh goes unacknowledged (publish timeout,
+    # 5 s). Its emergency profile must be asleep before the router's wakes. The margin is
+    # about 2/3 ttl - 5 s: with the smallest ttl the config takes here (7.5 s) it is nil, so
+    # this test gives the claim 15 s.
+    lab: GroupLab = await make_lab(group(), priority={"tablet": 1, "router": 2}, claim_ttl=15.0)
+    await settled(lab)
+    async with ProfileMonitor(lab, [at_most_one_emergency]) as monitor:
+        await lab.kill("phone")
+        await lab.cut_data("watch")
+        snap = await monitor.wait(lambda s: bool(awake_emergencies(s)), STEP_S)
+        assert awake_emergencies(snap) == ["tablet"]
+        mark = lab.mark()
+        await lab.block_broker("tablet", silent=True)
+        await lab.availability("tablet", "offline", STEP_S, mark)
+        snap = await monitor.wait(lambda s: awake_emergencies(s) == ["router"], STEP_S)
+        await lab.state("router", connected, STEP_S, mark)
+        # The partition heals: the tablet sees the router's claim and stays asleep.
+        mark = lab.mark()
+        await lab.unblock_broker("tablet")
+        await lab.availability("tablet", "online", STEP_S, mark)
+        await lab.heal_data("watch")
+        lab.restart("phone")
+        await monitor.wait(dormant, STEP_S)
+    monitor.assert_clean()
+
+
 # --- 20 rounds, random orders -----------------------------------------------------------------
 
 
