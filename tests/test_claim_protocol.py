@@ -323,6 +323,43 @@ def test_a_claim_that_reaches_the_broker_first_wins() -> None:
     assert not s.awake
 
 
+def test_a_claimant_whose_claim_stops_echoing_sleeps_before_the_others_may_wake() -> None:
+    # A silent partition: the broker session looks alive (no BrokerDown for as long as the
+    # MQTT keepalive takes), but nothing we publish comes back. The other holder lets our
+    # claim go TTL after it last heard it; we must be asleep before that.
+    mine = ClaimConfig(device="b", group="g", order=("b", "c"), others=("a", "c"), ttl=TTL)
+    theirs = ClaimConfig(device="c", group="g", order=("b", "c"), others=("a", "b"), ttl=TTL)
+    b, c = initial_claim_state(mine, 0.0), initial_claim_state(theirs, 0.0)
+    for ev in (
+        BrokerUp(now=0),
+        SiblingSeen(device="a", now=0, online=False),
+        Synced(now=0),
+    ):
+        b, _ = step(b, ev)
+        c, _ = step(c, ev)
+    b, acts = step(b, SiblingSeen(device="c", now=0, online=True, connectivity=False))
+    assert acts == [PublishClaim(seq=1, ttl=TTL)]  # b is first in order
+    c, _ = step(c, SiblingSeen(device="b", now=0, online=True, connectivity=False))
+    b, acts = step(b, ClaimSeen(device="b", now=0.01, ttl=TTL, seq=1))  # the echo: b wakes
+    assert any(isinstance(a, Wake) for a in acts)
+    c, _ = step(c, ClaimSeen(device="b", now=0.01, ttl=TTL, seq=1))  # c hears it too
+    last_heard = 0.01
+    now, slept_at, c_woke_at = 0.01, None, None
+    while now < 3 * TTL and (slept_at is None or c_woke_at is None):
+        now += TTL / 6  # the daemon ticks at least every ttl/6; nothing reaches the broker
+        b, acts = step(b, ClaimTick(now=now))
+        if slept_at is None and any(isinstance(a, Sleep) for a in acts):
+            slept_at = now
+        c, acts = step(c, ClaimTick(now=now))
+        if c_woke_at is None and any(isinstance(a, PublishClaim) for a in acts):
+            c_woke_at = now  # c claims (its wake needs the echo of that, later still)
+    assert slept_at is not None
+    assert c_woke_at is not None
+    assert c_woke_at >= last_heard + TTL
+    assert slept_at < c_woke_at
+    assert not b.awake
+
+
 def test_no_wake_while_a_device_was_never_heard_from() -> None:
     cfg = ClaimConfig(device="b", group="g", order=("b",), others=("a",), ttl=TTL)
     s = initial_claim_state(cfg, 0.0)

@@ -196,6 +196,8 @@ class ClaimState(msgspec.Struct, frozen=True, kw_only=True):
     seq: int = 0
     claimed_at: float | None = None
     refreshed_at: float | None = None
+    #: When we published a refresh whose echo has not come back yet (None: all echoed).
+    unechoed_since: float | None = None
     higher_up_since: float | None = None
     turn_since: float | None = None
     failed: frozenset[str] = frozenset()
@@ -281,6 +283,8 @@ def _claim_seen(state: ClaimState, ev: ClaimSeen, now: float) -> ClaimResult:
             )
         if ev.ttl is not None and ev.seq != state.seq and state.phase is ClaimPhase.ASLEEP:
             return state, [ReleaseClaim()]  # a claim left from an earlier life
+        if state.phase is ClaimPhase.AWAKE and ev.ttl is not None and ev.seq == state.seq:
+            return replace(state, unechoed_since=None), []
         return state, []
     if ev.device not in state.config.others:
         return state, []
@@ -330,6 +334,7 @@ def _stop(state: ClaimState, reason: str, *, failed: bool) -> ClaimResult:
         phase=ClaimPhase.ASLEEP,
         claimed_at=None,
         refreshed_at=None,
+        unechoed_since=None,
         turn_since=state.now,
         failed=state.failed | {state.config.device} if failed else state.failed,
     )
@@ -379,9 +384,16 @@ def _evaluate(state: ClaimState, now: float) -> ClaimResult:
             return _stop(state, "no connectivity within switch_timeout", failed=True)
         if since is not None and now - since >= cfg.failback_stable:
             return _stop(state, "a higher layer is back and stable", failed=False)
+        if state.unechoed_since is not None and now - state.unechoed_since >= cfg.ttl / 3:
+            # The others last heard us one refresh before this one and let our claim go ttl
+            # after that: sleeping now leaves them ttl/3 (less one tick) before they may wake,
+            # whatever the MQTT keepalive takes to notice a silently lost broker.
+            return _stop(state, "our claim is no longer echoed by the broker", failed=False)
         refreshed = state.refreshed_at if state.refreshed_at is not None else now
         if now - refreshed >= cfg.ttl / 3:
-            return replace(state, refreshed_at=now), [PublishClaim(seq=state.seq, ttl=cfg.ttl)]
+            unechoed = state.unechoed_since if state.unechoed_since is not None else now
+            new = replace(state, refreshed_at=now, unechoed_since=unechoed)
+            return new, [PublishClaim(seq=state.seq, ttl=cfg.ttl)]
         return state, []
 
     if state.phase is ClaimPhase.CLAIMING:
