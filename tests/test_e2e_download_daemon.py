@@ -194,10 +194,18 @@ def layer(status: dict[str, Any], name: str) -> dict[str, Any]:
 # ---- on request ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("vendor", ["generic", "sierra", "fibocom", "simcom", "quectel", "dell"])
 async def test_download_through_the_socket(
-    make_stack: StackFactory, smdp: SmdpServer, tmp_path: Path
+    vendor: str, make_stack: StackFactory, smdp: SmdpServer, tmp_path: Path
 ) -> None:
-    stack = await make_stack()
+    # The downloading modem (m1) takes each vendor personality in turn; m0 carries the link.
+    text = DEMO_SCENARIO.read_text()
+    assert 'vendor = "sierra"' in text
+    scenario = tmp_path / f"demo-{vendor}.toml"
+    scenario.write_text(text.replace('vendor = "sierra"', f'vendor = "{vendor}"', 1))
+    stack = await make_stack(scenario=scenario)
+    info = await daemon(stack, "modem_info", modem="m1")
+    assert vendor in info["identity"]["manufacturer"].lower(), info["identity"]
     status, result, err = await cli(
         "profile",
         "download",
