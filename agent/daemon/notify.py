@@ -16,17 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import structlog
 
 from agent.daemon.provision import NoWorkingLink
 from agent.errors import AgentError
-from agent.euicc.es9 import CONNECT_TIMEOUT_S, Connector, Es9Client, Es9Error, Resolve
+from agent.euicc.es9 import Es9Error
 from agent.euicc.es10 import NotificationMetadata, PendingNotification
 from agent.euicc.lpa import Lpa
 from agent.euicc.notifications import (
@@ -36,7 +34,7 @@ from agent.euicc.notifications import (
     deliver,
     remove_sent,
 )
-from agent.health.probes import LinkBinding, connect_on_link
+from agent.health.probes import LinkBinding
 
 if TYPE_CHECKING:
     from agent.daemon.app import Daemon
@@ -463,22 +461,7 @@ class NotificationCourier:
         """An ES9+ client for address that leaves by the working layer's link (the bound
         connection downloads use), TLS checked against ci_certs. Without a working layer:
         an error, or (by hand, require_link False) the host's routes."""
-        rsp = self.d.cfg.rsp
         link = self._working_link()
         if link is None and require_link:
             raise Es9Error(address, "no working link")
-        connect: Connector | None = None
-        binding = link[1] if link is not None else None
-        if binding is not None:
-            bound = binding
-
-            async def on_link(host: str, port: int) -> socket.socket:
-                return await connect_on_link(host, port, bound, CONNECT_TIMEOUT_S)
-
-            connect = on_link
-        return Es9Client(
-            address,
-            [Path(c) for c in rsp.ci_certs],
-            resolve=[Resolve.parse(r) for r in rsp.resolve],
-            connect=connect,
-        )
+        return self.d.provision.es9_client(address, link[1] if link is not None else None)

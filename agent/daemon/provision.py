@@ -418,9 +418,11 @@ class Provisioner:
         return session
 
     def _es9(self, code: ActivationCode, binding: LinkBinding | None) -> Es9Client:
-        return self._es9_for(code.smdp_address, binding)
+        return self.es9_client(code.smdp_address, binding)
 
-    def _es9_for(self, smdp_address: str, binding: LinkBinding | None) -> Es9Client:
+    def es9_client(self, smdp_address: str, binding: LinkBinding | None) -> Es9Client:
+        """An ES9+ client for the SM-DP+ that leaves by `binding`'s link (None: the host's
+        routes), TLS checked against [rsp] ci_certs; downloads and notifications share it."""
         rsp = self.d.cfg.rsp
         if not rsp.ci_certs:
             raise ConfigError("rsp.ci_certs", None, "no CI root certificate configured")
@@ -535,7 +537,7 @@ class Provisioner:
         for pending in list(self._cancels):
             try:
                 _, binding = self.working_layer()
-                es9 = self._es9_for(pending.smdp_address, binding)
+                es9 = self.es9_client(pending.smdp_address, binding)
                 await es9.cancel_session(pending.transaction_id, pending.signed)
             except NoWorkingLink:
                 return False
