@@ -13,6 +13,7 @@ from agent.policy.engine import (
     Action,
     ActivateLayer,
     DisableEmergency,
+    EmitEvent,
     EnableEmergency,
     GroupWake,
     Health,
@@ -111,6 +112,9 @@ def test_companion_story_last_will_own_profile_then_sleep_again() -> None:
     )
     assert [a.layer for a in acts if isinstance(a, ActivateLayer)] == ["own"]
     assert s.active == "own"
+    # The record names no profile for the sibling side (null, not ""), ours for our own.
+    record = next(a.event for a in acts if isinstance(a, EmitEvent))
+    assert (record.from_profile, record.to_profile) == (None, "89000000000000000029")
     # The phone is back: only after failback_stable does the own profile go back to sleep.
     s, acts = transition(s, LayerHealth(layer="phone-hotspot", health=Health.UP, now=60))
     s, acts = transition(s, Tick(now=60 + STABLE - 1))

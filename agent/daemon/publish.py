@@ -162,7 +162,7 @@ class StatePublisher:
             DeviceState(
                 device_id=device_id,
                 active_layer=active.name if active else None,
-                active_profile=active.profile if active else None,
+                active_profile=(active.profile or None) if active else None,
                 connectivity=connected,
             ),
         )
