@@ -80,7 +80,9 @@ async def _live(stack: DemoStack, started: float, shown: _Shown) -> None:
 
 def _timeline(transitions: list[dict[str, Any]]) -> None:
     _say("\nTimeline (ms from detection):")
-    header = f"  {'id':<8} {'kind':<10} {'from':<10} {'to':<10} {'outcome':<9}"
+    # Transition ids carry the device and boot stamp (`demo-mxbhre8n-3`): size the column to them.
+    w = max([len("id"), *(len(str(tr["id"])) for tr in transitions)])
+    header = f"  {'id':<{w}} {'kind':<10} {'from':<10} {'to':<10} {'outcome':<9}"
     header += f" {'decide':>8} {'switch':>8} {'verify':>8} {'total':>8}"
     _say(header)
     for tr in transitions:
@@ -90,7 +92,8 @@ def _timeline(transitions: list[dict[str, Any]]) -> None:
             return "-" if v is None else f"{v:.0f}"
 
         _say(
-            f"  {tr['id']:<8} {tr['kind']:<10} {tr['from_layer'] or '-':<10} {tr['to_layer']:<10}"
+            f"  {tr['id']:<{w}} {tr['kind']:<10} {tr['from_layer'] or '-':<10}"
+            f" {tr['to_layer'] or '-':<10}"
             f" {tr['outcome']:<9} {f(ms['detect_to_decide']):>8} {f(ms['decide_to_switch']):>8}"
             f" {f(ms['switch_to_verify']):>8} {f(ms['total']):>8}"
         )
